@@ -1,0 +1,5 @@
+import sys
+
+from nup.cli import main
+
+sys.exit(main())

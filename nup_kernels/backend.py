@@ -1,0 +1,58 @@
+"""Which path runs: the Triton kernels or the PyTorch reference.
+
+CUDA tensors get the Triton kernels and CPU tensors the reference path. ``NUP_BACKEND=triton``
+forces the kernels (on CPU that needs ``TRITON_INTERPRET=1``); ``NUP_BACKEND=reference``
+forces the reference path everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("triton", "reference")
+
+
+def requested_backend() -> str | None:
+    """The value of ``NUP_BACKEND``, validated, or None when unset."""
+    value = os.environ.get("NUP_BACKEND", "").strip().lower()
+    if not value:
+        return None
+    if value not in BACKENDS:
+        raise ValueError(f"NUP_BACKEND={value!r} is not one of {BACKENDS}; unset it or pick one")
+    return value
+
+
+def interpreter_active() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    """True when ops on ``tensor`` should run the Triton kernels."""
+    forced = requested_backend()
+    if forced == "reference":
+        return False
+    if tensor.is_cuda:
+        return True
+    if forced == "triton":
+        if not interpreter_active():
+            raise RuntimeError(
+                "NUP_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1 (set it before "
+                "importing triton), or move the tensors to CUDA"
+            )
+        return True
+    return False
+
+
+def check_inputs(op: str, *tensors: torch.Tensor | None, ndims: tuple[int, ...] | None = None) -> None:
+    """Raise a clear error when tensors of one op differ in device or are not floating point."""
+    present = [t for t in tensors if t is not None]
+    devices = {t.device for t in present}
+    if len(devices) > 1:
+        raise ValueError(f"{op}: tensors are on different devices {sorted(map(str, devices))}; move them to one device")
+    for i, t in enumerate(present):
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"{op}: input {i} has dtype {t.dtype}; use float32, float16 or bfloat16")
+        if ndims is not None and i < len(ndims) and t.dim() != ndims[i]:
+            raise ValueError(f"{op}: input {i} must be {ndims[i]}-D, got shape {tuple(t.shape)}")

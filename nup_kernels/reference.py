@@ -1,0 +1,119 @@
+"""The pure-PyTorch oracle of every kernel, which is also the CPU path.
+
+Shapes: ``x`` is ``(B, n_in)``, ``weight`` and ``grad`` are ``(n_out, n_in)``, ``h``, ``y``,
+``dy`` and ``delta`` are ``(B, n_out)``. Statistics are fp32 0-dim tensors, whatever the input
+dtype. Nothing here syncs with the host.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nup_kernels.activations import Activation
+
+
+def linear_act_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    alpha: float,
+    bias_scale: float,
+    act: Activation,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h = α·x Wᵀ + bias_scale·b`` and ``y = φ(h)``, computed in fp32, returned in x's dtype."""
+    h = alpha * (x.float() @ weight.float().t())
+    if bias is not None:
+        h = h + bias_scale * bias.float()
+    y = act(h)
+    return y.to(x.dtype), h.to(x.dtype)
+
+
+def activation_delta(dy: torch.Tensor, saved: torch.Tensor, act: Activation, saved_is_output: bool) -> torch.Tensor:
+    """``δ = dy ⊙ φ'(h)`` in fp32, where ``saved`` is h, or y when ``saved_is_output``."""
+    s = saved.float()
+    dphi = act.derivative_from_output(s) if saved_is_output else act.derivative(s)
+    return dy.float() * dphi
+
+
+def linear_act_backward_dx(delta: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``dx = α·δ W``, fp32, shape ``(B, n_in)``."""
+    return alpha * (delta.float() @ weight.float())
+
+
+def linear_act_backward_dw(
+    delta: torch.Tensor, x: torch.Tensor, alpha: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``G = α·δᵀ x`` (fp32, ``(n_out, n_in)``) and ``‖G‖²`` (fp32, 0-dim)."""
+    g = alpha * (delta.float().t() @ x.float())
+    return g, g.square().sum()
+
+
+def bias_grad(delta: torch.Tensor, bias_scale: float) -> torch.Tensor:
+    """``db = bias_scale·Σ_B δ``, fp32, shape ``(n_out,)``."""
+    return bias_scale * delta.float().sum(0)
+
+
+def grad_norm_sq_gram(x: torch.Tensor, delta: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``‖α·δᵀx‖²_F = α²·⟨x xᵀ, δ δᵀ⟩_F`` from two B×B Gram matrices; G is never formed."""
+    xf, df = x.float(), delta.float()
+    return (alpha * alpha) * ((xf @ xf.t()) * (df @ df.t())).sum()
+
+
+def apply_update(
+    weight: torch.Tensor,
+    cumulative: torch.Tensor,
+    coef: torch.Tensor,
+    *,
+    grad: torch.Tensor | None = None,
+    x: torch.Tensor | None = None,
+    delta: torch.Tensor | None = None,
+    alpha: float = 1.0,
+    cumulative_is_init: bool = False,
+) -> torch.Tensor:
+    """Apply ``ΔW = coef·G`` to W and to the cumulative update, in place; return ``⟨ΔW, C_old⟩``.
+
+    ``G`` is ``grad`` (materialized) or the rank-B product ``α·δᵀx`` (small batch). ``coef`` is
+    a 0-dim fp32 tensor, ``−η·s/‖G‖``, or 0 to skip: a skipped update leaves W and C
+    bit-identical, even when G holds NaN or Inf. With ``cumulative_is_init`` the buffer holds
+    ``P_0`` (fp32 weights only) and ``C_old = W − P_0``; it is then left untouched.
+    Returns an fp32 0-dim tensor.
+    """
+    if grad is None:
+        assert x is not None and delta is not None
+        grad = alpha * (delta.float().t() @ x.float())
+    step = coef * grad.float()
+    keep = coef == 0
+    c_old = weight.float() - cumulative.float() if cumulative_is_init else cumulative.float()
+    dot = torch.where(keep, 0.0, step * c_old).sum()
+    weight.copy_(torch.where(keep, weight.float(), weight.float() + step).to(weight.dtype))
+    if not cumulative_is_init:
+        cumulative.copy_(torch.where(keep, c_old, c_old + step).to(cumulative.dtype))
+    return dot
+
+
+def multi_tensor_reduce(
+    directions: list[torch.Tensor], cumulatives: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per tensor ``‖D‖²``, ``⟨D, C⟩`` and ``‖C‖²``, each an fp32 vector of length ``len(D)``."""
+    d_sq = torch.stack([d.float().square().sum() for d in directions])
+    dc = torch.stack([(d.float() * c.float()).sum() for d, c in zip(directions, cumulatives)])
+    c_sq = torch.stack([c.float().square().sum() for c in cumulatives])
+    return d_sq, dc, c_sq
+
+
+def multi_tensor_apply(
+    params: list[torch.Tensor],
+    directions: list[torch.Tensor],
+    cumulatives: list[torch.Tensor],
+    coefs: torch.Tensor,
+) -> None:
+    """``P += coef_i·D``, ``C += coef_i·D`` for every tensor i, in place.
+
+    ``coefs`` is an fp32 vector; a zero coefficient leaves that P and C bit-identical.
+    """
+    for i, (p, d, c) in enumerate(zip(params, directions, cumulatives)):
+        coef = coefs[i]
+        keep = coef == 0
+        step = coef * d.float()
+        p.copy_(torch.where(keep, p.float(), p.float() + step).to(p.dtype))
+        c.copy_(torch.where(keep, c.float(), c.float() + step).to(c.dtype))
