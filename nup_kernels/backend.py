@@ -52,7 +52,7 @@ def check_inputs(op: str, *tensors: torch.Tensor | None, ndims: tuple[int, ...] 
     if len(devices) > 1:
         raise ValueError(f"{op}: tensors are on different devices {sorted(map(str, devices))}; move them to one device")
     for i, t in enumerate(present):
-        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             raise TypeError(f"{op}: input {i} has dtype {t.dtype}; use float32, float16 or bfloat16")
         if ndims is not None and i < len(ndims) and t.dim() != ndims[i]:
             raise ValueError(f"{op}: input {i} must be {ndims[i]}-D, got shape {tuple(t.shape)}")

@@ -1,0 +1,156 @@
+"""Width schedules and per-parameter update scales ``s_P`` (SPEC §1–2).
+
+A parameterization is a width schedule (``k ↦ n_k`` for hidden layers k = 1 … L−1) plus a
+scale rule (the Frobenius norm a normalized step of rate 1 takes on each tensor). The named
+ones are ``nup`` (quadratic widths, the same hidden step everywhere), ``sp`` (constant
+widths, every layer moved by a relative 1) and ``sp_inv_depth`` (constant widths, hidden
+steps divided by L−2).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+Role = Literal["input", "hidden", "readout", "bias"]
+WidthSchedule = Callable[[int], int]
+
+DEFAULT_WIDTH_LIMIT = 65_536
+"""Widths above this need an explicit ``max_width`` (a 65,536² weight is 16 GiB in fp32)."""
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """What a scale rule may depend on. ``layer`` counts weight layers from 1 to ``depth``."""
+
+    role: Role
+    layer: int
+    fan_in: int
+    fan_out: int
+    m: int
+    depth: int
+    sigma_w: float
+
+
+ScaleRule = Callable[[ParamInfo], float]
+
+
+def _width_quadratic(m: int) -> WidthSchedule:
+    return lambda k: m * k * k
+
+
+def _width_linear(m: int) -> WidthSchedule:
+    return lambda k: m * k
+
+
+def _width_constant(m: int) -> WidthSchedule:
+    return lambda k: m
+
+
+WIDTH_SCHEDULES: dict[str, Callable[[int], WidthSchedule]] = {
+    "quadratic": _width_quadratic,
+    "linear": _width_linear,
+    "constant": _width_constant,
+}
+
+
+def _hidden_nup(p: ParamInfo) -> float:
+    return math.sqrt(p.m) / p.sigma_w
+
+
+def _hidden_sp(p: ParamInfo) -> float:
+    return math.sqrt(p.fan_out) / p.sigma_w
+
+
+def _hidden_sp_inv_depth(p: ParamInfo) -> float:
+    return math.sqrt(p.fan_out) / (p.sigma_w * max(p.depth - 2, 1))
+
+
+HIDDEN_SCALE_RULES: dict[str, ScaleRule] = {
+    "nup": _hidden_nup,
+    "sp": _hidden_sp,
+    "sp_inv_depth": _hidden_sp_inv_depth,
+}
+
+PARAMETERIZATIONS: dict[str, tuple[str, str]] = {
+    "nup": ("quadratic", "nup"),
+    "sp": ("constant", "sp"),
+    "sp_inv_depth": ("constant", "sp_inv_depth"),
+}
+
+
+@dataclass(frozen=True)
+class Parameterization:
+    """A resolved width schedule and hidden-layer scale rule."""
+
+    name: str
+    width_schedule: WidthSchedule
+    width_schedule_name: str
+    hidden_scale: ScaleRule
+
+    def hidden_widths(self, depth: int) -> list[int]:
+        """``[n_1, …, n_{L−1}]`` for a network of ``depth`` weight layers."""
+        return [int(self.width_schedule(k)) for k in range(1, depth)]
+
+
+def resolve_parameterization(
+    parameterization: str | tuple[str | WidthSchedule, str | ScaleRule],
+    m: int,
+    width_schedule: str | WidthSchedule | None = None,
+) -> Parameterization:
+    """Resolve a name or a ``(width schedule, scale rule)`` pair; ``width_schedule`` overrides.
+
+    A custom width schedule is a callable ``k ↦ n_k``; a custom scale rule is a callable
+    ``ParamInfo ↦ s`` used for hidden weights.
+    """
+    if isinstance(parameterization, str):
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(
+                f"unknown parameterization {parameterization!r}; choose one of {sorted(PARAMETERIZATIONS)} "
+                "or pass a (width_schedule, scale_rule) pair"
+            )
+        name = parameterization
+        default_schedule, rule = PARAMETERIZATIONS[parameterization]
+    elif isinstance(parameterization, tuple) and len(parameterization) == 2:
+        name = "custom"
+        default_schedule, rule = parameterization
+    else:
+        raise ValueError(f"parameterization must be a name or a (width_schedule, scale_rule) pair, got {parameterization!r}")
+
+    schedule_spec = default_schedule if width_schedule is None else width_schedule
+    if isinstance(schedule_spec, str):
+        if schedule_spec not in WIDTH_SCHEDULES:
+            raise ValueError(f"unknown width schedule {schedule_spec!r}; choose one of {sorted(WIDTH_SCHEDULES)} or pass k -> n_k")
+        schedule, schedule_name = WIDTH_SCHEDULES[schedule_spec](m), schedule_spec
+    elif callable(schedule_spec):
+        schedule, schedule_name = schedule_spec, getattr(schedule_spec, "__name__", "custom")
+    else:
+        raise ValueError(f"width_schedule must be a name or a callable, got {schedule_spec!r}")
+
+    if isinstance(rule, str):
+        if rule not in HIDDEN_SCALE_RULES:
+            raise ValueError(f"unknown scale rule {rule!r}; choose one of {sorted(HIDDEN_SCALE_RULES)} or pass a callable")
+        rule_fn = HIDDEN_SCALE_RULES[rule]
+    elif callable(rule):
+        rule_fn = rule
+    else:
+        raise ValueError(f"scale rule must be a name or a callable, got {rule!r}")
+    return Parameterization(name, schedule, schedule_name, rule_fn)
+
+
+def weight_scale(info: ParamInfo, hidden_rule: ScaleRule, readout: str) -> float:
+    """``s_P`` of a weight matrix (SPEC §2's table)."""
+    if info.role == "input":
+        return math.sqrt(info.fan_out) / info.sigma_w
+    if info.role == "hidden":
+        return float(hidden_rule(info))
+    if info.role == "readout":
+        return math.sqrt(info.fan_in) if readout == "mup" else 1.0
+    raise ValueError(f"weight_scale got role {info.role!r}")
+
+
+def bias_scale_of(weight_info: ParamInfo, weight_s: float, sigma_b: float, q_star: float) -> float:
+    """``s_b = ρ_k·√(n_k·q*)/σ_b`` with ``ρ_k = σ_w·s_W/√n_k`` the relative move of the layer's weight."""
+    rho = weight_info.sigma_w * weight_s / math.sqrt(weight_info.fan_out)
+    return rho * math.sqrt(weight_info.fan_out * q_star) / sigma_b
