@@ -21,7 +21,9 @@ class CLIError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nup", description="νP: deep MLPs at the Edge of Chaos, with update geometry.")
+    parser = argparse.ArgumentParser(
+        prog="nup", description="νP: deep MLPs at the Edge of Chaos, with update geometry."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         mod = importlib.import_module(module)

@@ -84,7 +84,8 @@ class NuLinear(nn.Module):
         return linear_act(x, self.weight, self.bias, self.alpha, self.bias_scale, self.activation)
 
     def extra_repr(self) -> str:
-        return f"{self.fan_in} -> {self.fan_out}, alpha={self.alpha:.4g}, act={self.activation}, role={self.weight_meta.role}"
+        role = self.weight_meta.role
+        return f"{self.fan_in} -> {self.fan_out}, alpha={self.alpha:.4g}, act={self.activation}, role={role}"
 
 
 class NuMLP(nn.Module):
@@ -121,7 +122,12 @@ class NuMLP(nn.Module):
         c_out: float = 1.0,
     ) -> None:
         super().__init__()
-        for name, value, low in (("in_features", in_features, 1), ("out_features", out_features, 1), ("depth", depth, 2), ("m", m, 1)):
+        for name, value, low in (
+            ("in_features", in_features, 1),
+            ("out_features", out_features, 1),
+            ("depth", depth, 2),
+            ("m", m, 1),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if readout not in READOUTS:
@@ -167,7 +173,9 @@ class NuMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``(..., in_features)`` → ``(..., out_features)``."""
         if x.shape[-1] != self.widths[0]:
-            raise ValueError(f"NuMLP expects inputs of shape (..., {self.widths[0]}), got {tuple(x.shape)}; flatten or reshape them")
+            raise ValueError(
+                f"NuMLP expects inputs of shape (..., {self.widths[0]}), got {tuple(x.shape)}; flatten or reshape them"
+            )
         for layer in self.layers:
             x = layer(x)
         return x

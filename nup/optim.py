@@ -144,7 +144,9 @@ class NuP(torch.optim.Optimizer):
         state = self.state[p]
         if "cumulative" not in state:
             init = self.cumulative == "init"
-            state["cumulative"] = p.detach().clone() if init else torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["cumulative"] = (
+                p.detach().clone() if init else torch.zeros_like(p, memory_format=torch.preserve_format)
+            )
         return state["cumulative"]
 
     def _scales(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,6 +214,27 @@ class NuP(torch.optim.Optimizer):
         for p, n in zip(params, norms):
             p.grad.mul_(torch.isfinite(n)).nan_to_num_(0.0, 0.0, 0.0)
 
+    def _index(self, active: list[int], n: int, device: torch.device) -> torch.Tensor | None:
+        """Index of the tensors that take part in this step, or None when all do."""
+        return None if len(active) == n else torch.tensor(active, device=device)
+
+    def _coefficients(
+        self, d_norm: torch.Tensor, idx: torch.Tensor | None, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """From ``‖D‖`` (fp32 ``[k]``): effective lr ``η``, the ok mask, ``coef`` with ``ΔP = coef·D``, and ``u``.
+
+        A tensor whose ``‖D‖`` is 0 or not finite gets ``coef = −0.0`` (so ``P + coef·0`` keeps
+        every bit of P) and ``u = 0``.
+        """
+        n = len(self._params())
+        pick = (lambda v: v) if idx is None else (lambda v: v.index_select(0, idx))
+        scales, normalize = (pick(v) for v in self._scales(device))
+        eta = pick(self._group_lr(device) * self.schedule.multiplier(n, device))
+        ok = torch.isfinite(d_norm) & (d_norm > 0)
+        step_size = torch.where(normalize, eta * scales, eta * d_norm)  # u when ok
+        coef = torch.where(ok, -step_size / torch.where(ok, d_norm, 1.0), -0.0)
+        return eta, ok, coef, torch.where(ok, step_size, 0.0)
+
     def _normalized_step(
         self,
         params: list[torch.Tensor],
@@ -222,54 +245,67 @@ class NuP(torch.optim.Optimizer):
         device: torch.device,
     ) -> None:
         g = self._global(device)
-        n = len(params)
-        idx = None if len(active) == n else torch.tensor(active, device=device)
-        pick = (lambda v: v) if idx is None else (lambda v: v.index_select(0, idx))
-        scales, normalize = (pick(v) for v in self._scales(device))
-        lam = pick(self.schedule.multiplier(n, device))
-        eta = pick(self._group_lr(device)) * lam
+        idx = self._index(active, len(params), device)
         init_mode = self.cumulative == "init"
-        triton = use_triton(act_params[0]) and not init_mode  # the kernels keep C; P_0 runs on foreach
+        from nup.distributed import stat_reducer
 
+        sharded = stat_reducer(act_params, init_mode)  # DTensor shards: local sums, one packed all-reduce
+        reduce, apply = (
+            (sharded.reduce, sharded.apply)
+            if sharded is not None
+            else (multi_tensor.multi_tensor_reduce, multi_tensor.multi_tensor_apply)
+        )
+        # the kernels keep C; P_0 runs on foreach; sharded tensors take this path with exact ‖C‖
+        triton = sharded is not None or (use_triton(act_params[0]) and not init_mode)
         if triton:
-            d_sq, dc, c_sq = multi_tensor.multi_tensor_reduce(directions, cumulatives)
+            d_sq, dc, c_sq = reduce(directions, cumulatives)
             d_norm = d_sq.sqrt()
         else:
             d_norm = torch.stack(torch._foreach_norm(directions, 2, dtype=torch.float32))
-        ok = torch.isfinite(d_norm) & (d_norm > 0)
-        step_size = torch.where(normalize, eta * scales, eta * d_norm)  # u when ok
-        safe_norm = torch.where(ok, d_norm, 1.0)
-        coef = torch.where(ok, -step_size / safe_norm, -0.0)  # −0.0 keeps every bit of P on a skip
-        u = torch.where(ok, step_size, 0.0)
-
+        eta, ok, coef, u = self._coefficients(d_norm, idx, device)
         if triton:
-            multi_tensor.multi_tensor_apply(act_params, directions, cumulatives, coef)
-            c_norm_old = c_sq.sqrt()
+            apply(act_params, directions, cumulatives, coef)
+            c_norm_old, exact = c_sq.sqrt(), None
         else:
             safe = [torch.where(o, d, 0.0) for o, d in zip(ok.unbind(), directions)]
             dc = self._dots(safe, act_params, cumulatives, init_mode)
-            c_norm_old = pick(g["c_norm"])
+            c_norm_old = g["c_norm"] if idx is None else g["c_norm"].index_select(0, idx)
             coefs = coef.unbind()
             self._addcmul(act_params, safe, coefs)
             if not init_mode:
                 self._addcmul(cumulatives, safe, coefs)
-        dot = coef * dc  # ⟨ΔP, C_t⟩
+            exact = None
+            if (g["step"] + 1) % self.recompute_every == 0:
+                cs = [p.float() - c.float() for c, p in zip(cumulatives, act_params)] if init_mode else cumulatives
+                exact = torch.stack(torch._foreach_norm(cs, 2, dtype=torch.float32))
+        self._finish_step(g, idx, eta, ok, u, coef * dc, c_norm_old, exact)
+
+    def _finish_step(
+        self,
+        g: dict[str, Any],
+        idx: torch.Tensor | None,
+        eta: torch.Tensor,
+        ok: torch.Tensor,
+        u: torch.Tensor,
+        dot: torch.Tensor,
+        c_norm_old: torch.Tensor,
+        c_norm_exact: torch.Tensor | None,
+    ) -> None:
+        """Cosines, ``‖C‖`` by the identity (or ``c_norm_exact``), the records and the schedule update.
+
+        ``dot`` is ``⟨ΔP_t, C_t⟩`` and ``c_norm_old`` is ``‖C_t‖``, both fp32 ``[k]``.
+        """
         denom = u * c_norm_old
         cos = torch.where(denom > 0, dot / torch.where(denom > 0, denom, 1.0), 0.0).clamp(-1.0, 1.0)
-        c_sq_new = (c_norm_old.square() + 2.0 * dot + u.square()).clamp_min(0.0)
-
-        step_no = g["step"] + 1
-        if not triton and step_no % self.recompute_every == 0:
-            exact = [p.float() - c.float() for c, p in zip(cumulatives, act_params)] if init_mode else cumulatives
-            c_sq_new = torch.stack(torch._foreach_norm(exact, 2, dtype=torch.float32)).square()
-        self._record(g, idx, u, cos, c_sq_new.sqrt(), eta, ok)
-        g["step"] = step_no
-        full_cos = g["cos"] if idx is None else torch.zeros(n, device=device).index_copy_(0, idx, cos)
-        full_u = g["update_norm"] if idx is None else torch.zeros(n, device=device).index_copy_(0, idx, u)
-        self.schedule.update(full_cos, full_u)
+        if c_norm_exact is None:
+            c_norm_exact = (c_norm_old.square() + 2.0 * dot + u.square()).clamp_min(0.0).sqrt()
+        self._record(g, idx, u, cos, c_norm_exact, eta, ok)
+        g["step"] += 1
+        self.schedule.update(g["cos"], g["update_norm"])
 
     def _dots(self, safe, params, cumulatives, init_mode) -> torch.Tensor:
         """``⟨D, C_t⟩`` per tensor (fp32), with ``C_t = P − P_0`` in ``init`` mode."""
+
         def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             if a.dtype == torch.float32 and b.dtype == torch.float32:
                 return torch.dot(a.reshape(-1), b.reshape(-1))
@@ -293,7 +329,9 @@ class NuP(torch.optim.Optimizer):
             g["path"] = g["path"] + u
             g["skipped"] = g["skipped"] + (~ok).long()
             return
-        for key, value in (("update_norm", u), ("cos", cos), ("c_norm", c_norm), ("lr", eta)):
+        for key, value in (("update_norm", u), ("cos", cos)):  # tensors without a gradient did not move
+            g[key] = torch.zeros_like(g[key]).index_copy_(0, idx, value)
+        for key, value in (("c_norm", c_norm), ("lr", eta)):
             g[key] = g[key].index_copy(0, idx, value)
         g["path"] = g["path"].index_add(0, idx, u)
         g["skipped"] = g["skipped"].index_add(0, idx, (~ok).long())

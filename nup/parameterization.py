@@ -10,8 +10,9 @@ steps divided by L−2).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 Role = Literal["input", "hidden", "readout", "bias"]
 WidthSchedule = Callable[[int], int]
@@ -116,12 +117,16 @@ def resolve_parameterization(
         name = "custom"
         default_schedule, rule = parameterization
     else:
-        raise ValueError(f"parameterization must be a name or a (width_schedule, scale_rule) pair, got {parameterization!r}")
+        raise ValueError(
+            f"parameterization must be a name or a (width_schedule, scale_rule) pair, got {parameterization!r}"
+        )
 
     schedule_spec = default_schedule if width_schedule is None else width_schedule
     if isinstance(schedule_spec, str):
         if schedule_spec not in WIDTH_SCHEDULES:
-            raise ValueError(f"unknown width schedule {schedule_spec!r}; choose one of {sorted(WIDTH_SCHEDULES)} or pass k -> n_k")
+            raise ValueError(
+                f"unknown width schedule {schedule_spec!r}; choose one of {sorted(WIDTH_SCHEDULES)} or pass k -> n_k"
+            )
         schedule, schedule_name = WIDTH_SCHEDULES[schedule_spec](m), schedule_spec
     elif callable(schedule_spec):
         schedule, schedule_name = schedule_spec, getattr(schedule_spec, "__name__", "custom")
@@ -130,7 +135,9 @@ def resolve_parameterization(
 
     if isinstance(rule, str):
         if rule not in HIDDEN_SCALE_RULES:
-            raise ValueError(f"unknown scale rule {rule!r}; choose one of {sorted(HIDDEN_SCALE_RULES)} or pass a callable")
+            raise ValueError(
+                f"unknown scale rule {rule!r}; choose one of {sorted(HIDDEN_SCALE_RULES)} or pass a callable"
+            )
         rule_fn = HIDDEN_SCALE_RULES[rule]
     elif callable(rule):
         rule_fn = rule

@@ -123,7 +123,12 @@ class GeometryAwareLR(MultiplierSchedule):
         if max_change < 0 or warmup < 0:
             raise ValueError("max_change and warmup must be non-negative")
         self.target, self.gain, self.beta, self.max_change = float(target), float(gain), float(beta), float(max_change)
-        self.min_mult, self.max_mult, self.warmup, self.per_layer = float(min_mult), float(max_mult), int(warmup), per_layer
+        self.min_mult, self.max_mult, self.warmup, self.per_layer = (
+            float(min_mult),
+            float(max_mult),
+            int(warmup),
+            per_layer,
+        )
         self.ema: torch.Tensor | None = None
 
     @property

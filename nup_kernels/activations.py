@@ -9,8 +9,8 @@ are the smooth ones. A derivative at ``s = 0`` takes the left branch ``a − b``
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 

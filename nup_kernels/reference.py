@@ -40,9 +40,7 @@ def linear_act_backward_dx(delta: torch.Tensor, weight: torch.Tensor, alpha: flo
     return alpha * (delta.float() @ weight.float())
 
 
-def linear_act_backward_dw(
-    delta: torch.Tensor, x: torch.Tensor, alpha: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_act_backward_dw(delta: torch.Tensor, x: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``G = α·δᵀ x`` (fp32, ``(n_out, n_in)``) and ``‖G‖²`` (fp32, 0-dim)."""
     g = alpha * (delta.float().t() @ x.float())
     return g, g.square().sum()

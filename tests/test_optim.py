@@ -89,8 +89,9 @@ def test_three_steps_match_a_hand_written_reference():
 def test_c_norm_identity_tracks_the_exact_norm(cumulative):
     model, (x, y) = _model(depth=4, m=3), _data()
     p0 = [p.detach().clone() for p in model.parameters()]
-    opt = NuP(model.parameters(), lr=0.2, cumulative=cumulative, recompute_every=10_000,
-              schedule=make_schedule("geometry"))
+    opt = NuP(
+        model.parameters(), lr=0.2, cumulative=cumulative, recompute_every=10_000, schedule=make_schedule("geometry")
+    )
     for _ in range(40):
         _train(model, opt, 1, x, y)
         v = opt.stat_vectors()
@@ -203,8 +204,10 @@ def test_resume_is_bit_exact(kind):
 def test_wrapper_mode_normalizes_the_base_step_and_leaves_its_state_alone(base_name):
     model, (x, y) = _model(), _data()
     twin = copy.deepcopy(model)
-    make = {"momentum": lambda ps: torch.optim.SGD(ps, lr=0.5, momentum=0.9),
-            "adam": lambda ps: torch.optim.Adam(ps, lr=0.01)}[base_name]
+    make = {
+        "momentum": lambda ps: torch.optim.SGD(ps, lr=0.5, momentum=0.9),
+        "adam": lambda ps: torch.optim.Adam(ps, lr=0.01),
+    }[base_name]
     base, twin_base = make(model.parameters()), make(twin.parameters())
     opt = NuP(model.parameters(), lr=0.07, base=base)
     for _ in range(3):
