@@ -20,12 +20,14 @@ class CLIError(Exception):
     """An error the user can fix; printed as one line, never a traceback."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="nup", description="νP: deep MLPs at the Edge of Chaos, with update geometry."
-    )
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``nup`` parser; only ``command``'s module is imported (the others stay unloaded)."""
+    parser = argparse.ArgumentParser(prog="nup", description="νP: deep MLPs at the Edge of Chaos, with update geometry.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
+        if name != command:
+            sub.add_parser(name, help=help_text, add_help=False)
+            continue
         mod = importlib.import_module(module)
         p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip())
         mod.add_arguments(p)
@@ -34,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
     try:
         return int(args._module.main(args) or 0)

@@ -21,7 +21,6 @@ import torch
 import triton
 import triton.language as tl
 
-from nup_kernels import reference
 from nup_kernels.activations import GELU, LINEAR_ABS, TANH, Activation, get_activation
 from nup_kernels.backend import check_inputs, interpreter_active, use_triton
 
@@ -484,19 +483,13 @@ def activation_delta(
 
 
 class LinearActFunction(torch.autograd.Function):
-    """Autograd for ``φ(α·x Wᵀ + bias_scale·b)`` on 2-D ``x``; Triton or reference by ``use_triton(x)``."""
+    """Autograd for ``φ(α·x Wᵀ + bias_scale·b)`` on 2-D ``x`` through the Triton kernels."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, alpha, bias_scale, act):
-        _check_linear("linear_act", x, weight, bias)
-        fused = use_triton(x) and act.name != "custom" and x.dtype in _KERNEL_DTYPES
-        if fused:
-            y, saved = linear_act_forward(x, weight, bias, alpha, bias_scale, act)
-        else:
-            y, h = reference.linear_act_forward(x, weight, bias, alpha, bias_scale, act)
-            saved = y if act.grad_from_output else h
+        y, saved = linear_act_forward(x, weight, bias, alpha, bias_scale, act)
         ctx.save_for_backward(x, weight, saved)
-        ctx.fused, ctx.alpha, ctx.bias_scale, ctx.act = fused, alpha, bias_scale, act
+        ctx.alpha, ctx.bias_scale, ctx.act = alpha, bias_scale, act
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
@@ -506,23 +499,13 @@ class LinearActFunction(torch.autograd.Function):
         x, weight, saved = ctx.saved_tensors
         act, alpha = ctx.act, ctx.alpha
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        need_b = need_b and ctx.bias_dtype is not None
         dx = dw = db = None
-        if ctx.fused:
-            if need_x:
-                dx = linear_act_backward_dx(dy, saved, weight, alpha, act, out_dtype=x.dtype)
-            if need_w:
-                dw = linear_act_backward_dw(dy, saved, x, alpha, act)[0].to(weight.dtype)
-            if need_b:
-                db = linear_act_bias_grad(dy, saved, ctx.bias_scale, act).to(ctx.bias_dtype)
-        else:
-            delta = reference.activation_delta(dy, saved, act, act.grad_from_output)
-            if need_x:
-                dx = reference.linear_act_backward_dx(delta, weight, alpha).to(x.dtype)
-            if need_w:
-                dw = (alpha * (delta.t() @ x.float())).to(weight.dtype)
-            if need_b:
-                db = reference.bias_grad(delta, ctx.bias_scale).to(ctx.bias_dtype)
+        if need_x:
+            dx = linear_act_backward_dx(dy, saved, weight, alpha, act, out_dtype=x.dtype)
+        if need_w:
+            dw = linear_act_backward_dw(dy, saved, x, alpha, act)[0].to(weight.dtype)
+        if need_b and ctx.bias_dtype is not None:
+            db = linear_act_bias_grad(dy, saved, ctx.bias_scale, act).to(ctx.bias_dtype)
         return dx, dw, db, None, None, None
 
 
@@ -536,13 +519,19 @@ def linear_act(
 ) -> torch.Tensor:
     """``φ(α·x Wᵀ + bias_scale·b)``, autograd-aware; ``x`` is ``(..., n_in)``, the result ``(..., n_out)``.
 
-    Gradients w.r.t. ``weight`` and ``bias`` come back in their dtypes. Custom (callable)
-    activations and float64 inputs always take the reference path.
+    On the Triton path the backward runs the kernels (first derivatives only). Elsewhere (CPU
+    tensors, custom activations, float64) it is plain torch ops, so Hessian-vector products
+    and double backward work. Gradients w.r.t. ``weight`` and ``bias`` come in their dtypes.
     """
     act = get_activation(activation)
     if x.dim() == 0:
         raise ValueError("linear_act: x must have at least one dimension (..., n_in)")
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
-    y = LinearActFunction.apply(x2d, weight, bias, float(alpha), float(bias_scale), act)
+    _check_linear("linear_act", x2d, weight, bias)
+    if use_triton(x2d) and act.name != "custom" and x2d.dtype in _KERNEL_DTYPES:
+        y = LinearActFunction.apply(x2d, weight, bias, float(alpha), float(bias_scale), act)
+    else:
+        h = float(alpha) * torch.nn.functional.linear(x2d, weight)
+        y = act(h if bias is None else h + float(bias_scale) * bias)
     return y.reshape(*lead, weight.shape[0])
