@@ -10,12 +10,14 @@ the coherence ``‖C‖/Σu``, the effective lr and a count of skipped steps.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
+from nup.distributed import stat_reducer
 from nup.schedule import ConstantSchedule, MultiplierSchedule
 from nup_kernels import multi_tensor
 from nup_kernels.backend import use_triton
@@ -201,7 +203,8 @@ class NuP(torch.optim.Optimizer):
             self._sanitize_grads(act_params)
             self.base.step()
             directions = torch._foreach_sub(old, act_params)  # what base moved, as a descent direction
-            torch._foreach_copy_(act_params, old)
+            for p, o in zip(act_params, old):  # per tensor: DTensor has no foreach_copy_ rule
+                p.copy_(o)
         else:
             directions = [p.grad for p in act_params]
         cumulatives = [self._cumulative_buffer(p) for p in act_params]
@@ -247,8 +250,6 @@ class NuP(torch.optim.Optimizer):
         g = self._global(device)
         idx = self._index(active, len(params), device)
         init_mode = self.cumulative == "init"
-        from nup.distributed import stat_reducer
-
         sharded = stat_reducer(act_params, init_mode)  # DTensor shards: local sums, one packed all-reduce
         reduce, apply = (
             (sharded.reduce, sharded.apply)
@@ -265,6 +266,7 @@ class NuP(torch.optim.Optimizer):
         eta, ok, coef, u = self._coefficients(d_norm, idx, device)
         if triton:
             apply(act_params, directions, cumulatives, coef)
+            dc = torch.where(ok, dc, 0.0)  # a skipped tensor's ⟨D, C⟩ may be NaN
             c_norm_old, exact = c_sq.sqrt(), None
         else:
             safe = [torch.where(o, d, 0.0) for o, d in zip(ok.unbind(), directions)]
@@ -371,11 +373,19 @@ class NuP(torch.optim.Optimizer):
         g["schedule"] = self.schedule.state_dict()
         if self.base is not None:
             g["base"] = self.base.state_dict()
-        return super().state_dict()
+        sd = super().state_dict()
+        # torch.distributed.checkpoint maps every key of "state" to a parameter name: carry the
+        # optimizer-wide entry in the first param group, whose extra keys it keeps as they are.
+        sd["param_groups"][0][_GLOBAL] = sd["state"].pop(_GLOBAL)
+        return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        g = self.state.get(_GLOBAL, {})
+        groups = [dict(group) for group in state_dict["param_groups"]]
+        state = dict(state_dict["state"])
+        g = groups[0].pop(_GLOBAL, None) or state.pop(_GLOBAL, {})
+        super().load_state_dict({**state_dict, "state": state, "param_groups": groups})
+        g = copy.deepcopy(g)  # never share the step count or statistics with the source
+        self.state[_GLOBAL] = g
         if "schedule" in g:
             self.schedule.load_state_dict(g["schedule"])
         if self.base is not None and "base" in g:
