@@ -22,7 +22,9 @@ class CLIError(Exception):
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The ``nup`` parser; only ``command``'s module is imported (the others stay unloaded)."""
-    parser = argparse.ArgumentParser(prog="nup", description="νP: deep MLPs at the Edge of Chaos, with update geometry.")
+    parser = argparse.ArgumentParser(
+        prog="nup", description="νP: deep MLPs at the Edge of Chaos, with update geometry."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         if name != command:
