@@ -328,3 +328,21 @@ def test_bad_arguments_raise_clear_errors():
         NuP(_model().to(torch.float64).parameters(), lr=0.1, cumulative="init")
     with pytest.raises(ValueError, match="empty"):
         NuP([], lr=0.1)
+
+
+def test_tensors_without_gradients_are_left_alone_and_report_no_motion():
+    model, (x, y) = _model(), _data()
+    opt = NuP(model.parameters(), lr=0.1, schedule=make_schedule("geometry_per_layer"))
+    _train(model, opt, 2, x, y)
+    frozen = model.layers[1].weight
+    before = frozen.detach().clone()
+    c_norm = opt.stat_vectors()["c_norm"][1].clone()
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    frozen.grad = None
+    opt.step()
+    assert torch.equal(frozen, before)
+    v = opt.stat_vectors()
+    assert v["update_norm"][1] == 0 and v["cos"][1] == 0 and v["skipped"][1] == 0
+    assert v["c_norm"][1] == c_norm  # its cumulative update is unchanged
+    assert (v["update_norm"][[0, 2, 3]] > 0).all()
