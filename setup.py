@@ -1,10 +1,10 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="nup",
     version="0.1.0",
     description="νP: deep MLPs at the Edge of Chaos with fused Triton kernels for update geometry",
-    packages=["nup", "nup.studies", "nup_kernels"],
+    packages=find_packages(include=["nup", "nup.*", "nup_kernels", "nup_kernels.*"]),
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

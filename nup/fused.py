@@ -14,6 +14,7 @@ layers cannot work either (there are no ``.grad`` tensors): use ``fused=False`` 
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -89,8 +90,7 @@ class _LayerUpdate:
         delta=None,
         alpha: float = 1.0,
     ) -> None:
-        idx = torch.tensor([i], device=p.device)
-        _, _, coef, _ = opt._coefficients(d_norm.reshape(1), idx, p.device)
+        _, _, coef, _ = opt._coefficients(d_norm.reshape(1), _index_tensor(i, p.device), p.device)
         cumulative = opt._cumulative_buffer(p)
         if p.dim() == 2:
             dot = apply_update(p, cumulative, coef, grad=grad, x=x, delta=delta, alpha=alpha, cumulative_is_init=init)
@@ -134,6 +134,12 @@ class _LinearActUpdate(torch.autograd.Function):
         with torch.no_grad():
             ctx.hook.update(layer, x, dy, saved, delta)
         return dx, None, None, None, None
+
+
+@functools.lru_cache(maxsize=4096)
+def _index_tensor(i: int, device: torch.device) -> torch.Tensor:
+    """``tensor([i])`` on ``device``, made once (no host-to-device copy per step)."""
+    return torch.tensor([i], device=device)
 
 
 def _pending(opt: NuP, device: torch.device) -> dict[str, Any]:
