@@ -1,0 +1,46 @@
+"""Crash-safe file writers shared by ``nup train`` and ``nup sweep``.
+
+A JSON or text file is written to a temporary file in the same directory, flushed to disk
+and renamed over the target, so a reader sees the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any
+
+_UMASK = os.umask(0)  # read once at import (setting it is process-wide, so never per call)
+os.umask(_UMASK)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically: temp file + fsync + ``os.replace``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual mode
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically (non-finite floats are allowed)."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def append_jsonl(fh: IO[str], obj: Any) -> None:
+    """Append ``obj`` to an open text file as one compact JSON line and flush it."""
+    fh.write(json.dumps(obj, separators=(",", ":")) + "\n")
+    fh.flush()
