@@ -27,6 +27,11 @@ STAT_KEYS = ("update_norm", "cos", "c_norm", "coherence", "lr", "skipped")
 _GLOBAL = "nup"  # key of the optimizer-wide entry in self.state
 
 
+def _host_readable(t: torch.Tensor) -> bool:
+    """True for CPU tensors: there is no device queue, so reading a value costs no sync."""
+    return t.device.type == "cpu"
+
+
 def default_scale(p: torch.Tensor) -> float:
     """``s_P`` for a tensor without NuMLP metadata: ``√(fan_out/fan_in)`` for matrices, 1 for vectors."""
     if p.dim() >= 2:
@@ -172,9 +177,13 @@ class NuP(torch.optim.Optimizer):
         return self._scale_cache[1], self._scale_cache[2]
 
     def _group_lr(self, device: torch.device) -> torch.Tensor:
-        """``group['lr']`` per tensor, fp32 ``[n]``, built from Python floats without a transfer per value."""
-        parts = [torch.full((len(g["params"]),), float(g["lr"]), device=device) for g in self.param_groups]
-        return torch.cat(parts)
+        """``group['lr']`` per tensor, fp32 ``[n]``; rebuilt only when a group's lr changes."""
+        key = (tuple((float(g["lr"]), len(g["params"])) for g in self.param_groups), device)
+        cached = getattr(self, "_lr_cache", None)
+        if cached is None or cached[0] != key:
+            parts = [torch.full((count,), lr, device=device) for lr, count in key[0]]
+            self._lr_cache = (key, torch.cat(parts))
+        return self._lr_cache[1]
 
     # ----------------------------------------------------------------------------------------
     # the step
@@ -269,7 +278,10 @@ class NuP(torch.optim.Optimizer):
             dc = torch.where(ok, dc, 0.0)  # a skipped tensor's ⟨D, C⟩ may be NaN
             c_norm_old, exact = c_sq.sqrt(), None
         else:
-            safe = [torch.where(o, d, 0.0) for o, d in zip(ok.unbind(), directions)]
+            if _host_readable(ok) and bool(ok.all()):
+                safe = directions  # every direction is finite: nothing to mask
+            else:
+                safe = [torch.where(o, d, 0.0) for o, d in zip(ok.unbind(), directions)]
             dc = self._dots(safe, act_params, cumulatives, init_mode)
             c_norm_old = g["c_norm"] if idx is None else g["c_norm"].index_select(0, idx)
             coefs = coef.unbind()
