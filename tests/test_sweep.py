@@ -274,7 +274,7 @@ def test_sigkill_then_resume(tmp_path):
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, (tmp_path / "log1").read_text()
     before = _finished(out / "runs")
-    assert 1 <= len(before) < 3 and len(workers) == 2
+    assert len(before) in (1, 2) and len(workers) == 2
     deadline = time.monotonic() + 10  # the workers die with the sweep: no orphan writes into a run dir
     while any((s := _state(pid)) and s[0] != "Z" for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.05)
