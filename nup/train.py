@@ -314,12 +314,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=types[kind], default=f.default, metavar=kind.upper(), help=text)
     parser.add_argument("--out", default="runs/train", help="output directory (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no final line")
+    parser.add_argument("--threads", type=int, default=1, metavar="INT",
+                        help="torch CPU threads; 1 is fastest for these model sizes, and torch's multi-thread "
+                             "pool slows down many-fold when other work shares the cores; 0: torch's default "
+                             "(default: %(default)s)")
 
 
 def main(args: argparse.Namespace) -> int:
     from nup.cli import CLIError
 
     config = TrainConfig(**{name: getattr(args, name) for name in TrainConfig.fields()})
+    if args.threads < 0:
+        raise CLIError(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if config.nproc > 1 and not distributed.launched():
         config.validate()
         flags = distributed.to_flags(dataclasses.asdict(config) | {"out": args.out, "quiet": args.quiet or None})

@@ -147,7 +147,9 @@ def test_validate_rejects_bad_values(change, match):
         TrainConfig(**change).validate()
 
 
-@pytest.mark.parametrize("flags", [["--lr", "-1"], ["--activation", "nope"], ["--depth", "1"], ["--base", "x"]])
+@pytest.mark.parametrize(
+    "flags", [["--threads", "-1"], ["--lr", "-1"], ["--activation", "nope"], ["--depth", "1"], ["--base", "x"]]
+)
 def test_bad_flag_is_one_line_exit_2(tmp_path, capsys, flags):
     out = tmp_path / "never"
     assert cli.main(["train", *flags, "--out", str(out), "--quiet"]) == 2
