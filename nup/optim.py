@@ -208,8 +208,9 @@ class NuP(torch.optim.Optimizer):
             return loss
         act_params = [params[i] for i in active]
         old = [p.detach().clone() for p in act_params] if self.base is not None else None
+        bad = None
         if self.base is not None:
-            self._sanitize_grads(act_params)
+            bad = self._sanitize_grads(act_params)
             self.base.step()
             directions = torch._foreach_sub(old, act_params)  # what base moved, as a descent direction
             for p, o in zip(act_params, old):  # per tensor: DTensor has no foreach_copy_ rule
@@ -217,31 +218,46 @@ class NuP(torch.optim.Optimizer):
         else:
             directions = [p.grad for p in act_params]
         cumulatives = [self._cumulative_buffer(p) for p in act_params]
-        self._normalized_step(params, active, act_params, directions, cumulatives, device)
+        self._normalized_step(params, active, act_params, directions, cumulatives, device, bad)
         return loss
 
-    def _sanitize_grads(self, params: list[torch.Tensor]) -> None:
-        """Zero non-finite gradients before the base step, so the base's state stays finite."""
-        norms = torch._foreach_norm([p.grad for p in params], 2)
-        for p, n in zip(params, norms):
-            p.grad.mul_(torch.isfinite(n)).nan_to_num_(0.0, 0.0, 0.0)
+    def _sanitize_grads(self, params: list[torch.Tensor]) -> torch.Tensor | None:
+        """Zero non-finite gradients before the base step, so the base's state stays finite.
+
+        Returns the bool ``[k]`` mask of tensors whose gradient was not finite (their update is
+        then skipped), or None when every gradient is known to be finite.
+        """
+        finite = torch.isfinite(torch.stack(torch._foreach_norm([p.grad for p in params], 2)))
+        if _host_readable(finite) and bool(finite.all()):
+            return None  # every gradient is finite: no pass to make
+        for p, f in zip(params, finite.unbind()):
+            p.grad.mul_(f).nan_to_num_(0.0, 0.0, 0.0)
+        return ~finite
 
     def _index(self, active: list[int], n: int, device: torch.device) -> torch.Tensor | None:
         """Index of the tensors that take part in this step, or None when all do."""
         return None if len(active) == n else torch.tensor(active, device=device)
 
+    def _rates(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This step's effective lr ``η = group lr · λ``, scales ``s_P`` and normalize mask, each ``[n]``."""
+        n = len(self._params())
+        scales, normalize = self._scales(device)
+        return self._group_lr(device) * self.schedule.multiplier(n, device), scales, normalize
+
     def _coefficients(
-        self, d_norm: torch.Tensor, idx: torch.Tensor | None, device: torch.device
+        self,
+        d_norm: torch.Tensor,
+        idx: torch.Tensor | None,
+        device: torch.device,
+        rates: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """From ``‖D‖`` (fp32 ``[k]``): effective lr ``η``, the ok mask, ``coef`` with ``ΔP = coef·D``, and ``u``.
 
-        A tensor whose ``‖D‖`` is 0 or not finite gets ``coef = −0.0`` (so ``P + coef·0`` keeps
-        every bit of P) and ``u = 0``.
+        ``rates`` is :meth:`_rates`' result when the caller already has it. A tensor whose ``‖D‖``
+        is 0 or not finite gets ``coef = −0.0`` (so ``P + coef·0`` keeps every bit of P) and ``u = 0``.
         """
-        n = len(self._params())
         pick = (lambda v: v) if idx is None else (lambda v: v.index_select(0, idx))
-        scales, normalize = (pick(v) for v in self._scales(device))
-        eta = pick(self._group_lr(device) * self.schedule.multiplier(n, device))
+        eta, scales, normalize = (pick(v) for v in (rates or self._rates(device)))
         ok = torch.isfinite(d_norm) & (d_norm > 0)
         step_size = torch.where(normalize, eta * scales, eta * d_norm)  # u when ok
         coef = torch.where(ok, -step_size / torch.where(ok, d_norm, 1.0), -0.0)
@@ -255,7 +271,9 @@ class NuP(torch.optim.Optimizer):
         directions: list[torch.Tensor],
         cumulatives: list[torch.Tensor],
         device: torch.device,
+        bad: torch.Tensor | None = None,
     ) -> None:
+        """One normalized step of ``act_params``; ``bad`` marks tensors to skip whatever their direction."""
         g = self._global(device)
         idx = self._index(active, len(params), device)
         init_mode = self.cumulative == "init"
@@ -266,14 +284,16 @@ class NuP(torch.optim.Optimizer):
             else (multi_tensor.multi_tensor_reduce, multi_tensor.multi_tensor_apply)
         )
         # the kernels keep C; P_0 runs on foreach; sharded tensors take this path with exact ‖C‖
-        triton = sharded is not None or (use_triton(act_params[0]) and not init_mode)
-        if triton:
+        packed = sharded is not None or (use_triton(act_params[0]) and not init_mode)
+        if packed:
             d_sq, dc, c_sq = reduce(directions, cumulatives)
             d_norm = d_sq.sqrt()
         else:
             d_norm = torch.stack(torch._foreach_norm(directions, 2, dtype=torch.float32))
+        if bad is not None:  # a sanitized non-finite gradient: skip, even though the base still moved
+            d_norm = torch.where(bad, float("nan"), d_norm)
         eta, ok, coef, u = self._coefficients(d_norm, idx, device)
-        if triton:
+        if packed:
             apply(act_params, directions, cumulatives, coef)
             dc = torch.where(ok, dc, 0.0)  # a skipped tensor's ⟨D, C⟩ may be NaN
             c_norm_old, exact = c_sq.sqrt(), None

@@ -350,3 +350,21 @@ def test_tensors_without_gradients_are_left_alone_and_report_no_motion():
     assert v["update_norm"][1] == 0 and v["cos"][1] == 0 and v["skipped"][1] == 0
     assert v["c_norm"][1] == c_norm  # its cumulative update is unchanged
     assert (v["update_norm"][[0, 2, 3]] > 0).all()
+
+
+def test_wrapper_mode_skips_a_non_finite_gradient_and_keeps_the_base_state_finite():
+    model, (x, y) = _model(), _data()
+    base = torch.optim.Adam(model.parameters(), lr=1e-2)
+    opt = NuP(model.parameters(), lr=0.1, base=base)
+    _train(model, opt, 1, x, y)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    params = list(model.parameters())
+    params[2].grad[0, 0] = float("nan")
+    before = [_bits(p) for p in params]
+    opt.step()
+    assert torch.equal(_bits(params[2]), before[2])
+    assert not torch.equal(_bits(params[0]), before[0])
+    assert opt.stat_vectors()["skipped"].tolist() == [0, 0, 1, 0]
+    for p in params:
+        assert all(torch.isfinite(v).all() for v in base.state[p].values() if torch.is_tensor(v))
