@@ -90,7 +90,7 @@ class _LayerUpdate:
         delta=None,
         alpha: float = 1.0,
     ) -> None:
-        _, _, coef, _ = opt._coefficients(d_norm.reshape(1), _index_tensor(i, p.device), p.device)
+        _, _, coef, _ = opt._coefficients(d_norm.reshape(1), _index_tensor(i, p.device), p.device, pending["rates"])
         cumulative = opt._cumulative_buffer(p)
         if p.dim() == 2:
             dot = apply_update(p, cumulative, coef, grad=grad, x=x, delta=delta, alpha=alpha, cumulative_is_init=init)
@@ -143,7 +143,7 @@ def _index_tensor(i: int, device: torch.device) -> torch.Tensor:
 
 
 def _pending(opt: NuP, device: torch.device) -> dict[str, Any]:
-    """This step's per-tensor ``‖D‖`` and ``⟨ΔP, C⟩`` (fp32 ``[n]``), and which tensors were updated."""
+    """This step's per-tensor ``‖D‖`` and ``⟨ΔP, C⟩`` (fp32 ``[n]``), which tensors were updated, and the rates."""
     state = getattr(opt, "_fused_pending", None)
     if state is None:
         n = len(opt._params())
@@ -151,6 +151,7 @@ def _pending(opt: NuP, device: torch.device) -> dict[str, Any]:
             "d_norm": torch.zeros(n, dtype=torch.float32, device=device),
             "dot": torch.zeros(n, dtype=torch.float32, device=device),
             "seen": [],
+            "rates": opt._rates(device),  # once per step, shared by every layer and by opt.step()
         }
         opt._fused_pending = state
     return state
@@ -189,7 +190,7 @@ def finish_fused_step(opt: NuP, device: torch.device) -> None:
     active = sorted(pending["seen"])
     idx = opt._index(active, len(params), device)
     pick = (lambda v: v) if idx is None else (lambda v: v.index_select(0, idx))
-    eta, ok, _, u = opt._coefficients(pick(pending["d_norm"]), idx, device)
+    eta, ok, _, u = opt._coefficients(pick(pending["d_norm"]), idx, device, pending["rates"])
     c_norm_old = pick(g["c_norm"])
     exact = None
     if (g["step"] + 1) % opt.recompute_every == 0:

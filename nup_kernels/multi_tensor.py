@@ -183,6 +183,7 @@ class _Plan:
     launches: tuple[_Launch, ...]
     segments: torch.Tensor  # int64 (2, n_tensors): each tensor's [lo, hi) partial slots
     n_slots: int
+    staged: torch.Tensor  # the host copy of the tables, kept alive while the upload may be in flight
 
 
 _plans: OrderedDict[tuple, _Plan] = OrderedDict()
@@ -218,7 +219,10 @@ def _plan(lists: tuple[list[torch.Tensor], ...]) -> _Plan:
         layout.append((dtypes, len(members), len(chunk_tensor), n_slots, aligned))
         host += [v for row in table for v in row] + chunk_tensor + chunk_offset
         n_slots += len(chunk_tensor)
-    packed = torch.tensor(host + lo + hi, dtype=torch.int64).to(device)
+    staged = torch.tensor(host + lo + hi, dtype=torch.int64)
+    if device.type == "cuda":  # pinned + non_blocking: the upload does not wait for the GPU queue
+        staged = staged.pin_memory()
+    packed = staged.to(device, non_blocking=True)
     launches, at = [], 0
     for dtypes, n_local, n_chunks, base, aligned in layout:
         tensors = packed[at : at + (len(lists) + 2) * n_local].view(len(lists) + 2, n_local)
@@ -226,7 +230,7 @@ def _plan(lists: tuple[list[torch.Tensor], ...]) -> _Plan:
         chunks = packed[at : at + 2 * n_chunks].view(2, n_chunks)
         at += chunks.numel()
         launches.append(_Launch(dtypes, tensors, chunks, base, aligned))
-    plan = _Plan(tuple(launches), packed[at:].view(2, n_tensors), n_slots)
+    plan = _Plan(tuple(launches), packed[at:].view(2, n_tensors), n_slots, staged)
     _plans[key] = plan
     if len(_plans) > _CACHE_SIZE:
         _plans.popitem(last=False)
