@@ -8,6 +8,7 @@ Nothing here syncs with the host. The optimizer-wide state ``g`` lives in ``opt.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -69,6 +70,16 @@ def coefficients(
     step_size = torch.where(normalize, eta * scales, eta * d_norm)  # u when ok
     coef = torch.where(ok, -step_size / torch.where(ok, d_norm, 1.0), -0.0)
     return ok, coef, torch.where(ok, step_size, 0.0)
+
+
+def host_coefficient(d_norm: float, eta: float, scale: float, normalize: bool) -> float:
+    """:func:`coefficients`' ``coef`` for one tensor in host floats (CPU, where reading a value is free).
+
+    0.0 when ``‖D‖`` is 0 or not finite: the caller then leaves the tensor alone.
+    """
+    if not (math.isfinite(d_norm) and d_norm > 0):
+        return 0.0
+    return -(eta * scale if normalize else eta * d_norm) / d_norm
 
 
 def recompute_due(g: dict[str, Any], every: int) -> bool:
