@@ -66,7 +66,7 @@ def coefficients(
     tensor whose ``‖D‖`` is 0 or not finite gets ``coef = −0.0`` (``P + coef·0`` keeps every bit
     of P) and ``u = 0``.
     """
-    ok = torch.isfinite(d_norm) & (d_norm > 0)
+    ok = (d_norm > 0) & (d_norm < math.inf)  # False for NaN too
     step_size = torch.where(normalize, eta * scales, eta * d_norm)  # u when ok
     coef = torch.where(ok, -step_size / torch.where(ok, d_norm, 1.0), -0.0)
     return ok, coef, torch.where(ok, step_size, 0.0)
@@ -112,9 +112,10 @@ def finish_step(
     the optimizer's :class:`nup.schedule.MultiplierSchedule`.
     """
     denom = u * c_norm_old
-    cos = torch.where(denom > 0, dot / torch.where(denom > 0, denom, 1.0), 0.0).clamp(-1.0, 1.0)
-    if c_norm_exact is None:
-        c_norm_exact = (c_norm_old.square() + 2.0 * dot + u.square()).clamp_min(0.0).sqrt()
+    pos = denom > 0
+    cos = torch.where(pos, dot / torch.where(pos, denom, 1.0), 0.0).clamp(-1.0, 1.0)
+    if c_norm_exact is None:  # ‖C_t‖² + 2⟨ΔP, C_t⟩ + u², in few ops (each is a launch on CUDA)
+        c_norm_exact = torch.addcmul(torch.addcmul(2.0 * dot, c_norm_old, c_norm_old), u, u).clamp_min(0.0).sqrt()
     record(g, idx, u, cos, c_norm_exact, eta, ok)
     g["step"] += 1
     schedule.update(g["cos"], g["update_norm"])
@@ -125,7 +126,7 @@ def record(g, idx, u, cos, c_norm, eta, ok) -> None:
     if idx is None:
         g["update_norm"], g["cos"], g["c_norm"], g["lr"] = u, cos, c_norm, eta
         g["path"] = g["path"] + u
-        g["skipped"] = g["skipped"] + (~ok).long()
+        g["skipped"] = g["skipped"] + ~ok
         return
     for key, value in (("update_norm", u), ("cos", cos)):  # tensors without a gradient did not move
         g[key] = torch.zeros_like(g[key]).index_copy_(0, idx, value)
