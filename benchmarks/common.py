@@ -232,8 +232,6 @@ def build_step(provider: str, case: StepCase, dev: torch.device) -> Step:
         opt = NuP(numlp.named_parameters(), lr=LR)
         return Step(_with_optimizer(numlp, opt, x, y), backend, "unfused_stats", widths)
     if provider == "nup_fused":
-        if dev.type != "cuda":
-            raise Unavailable("nup_fused needs CUDA: the fused path exists for the Triton kernels")
         opt = NuP(numlp.named_parameters(), lr=LR, fused=True)
         path = choose_update_path(case.batch, numlp.widths[1], numlp.widths[0], torch.float32)
         return Step(_with_optimizer(numlp, opt, x, y), "triton-fused", f"fused_{path}", widths)

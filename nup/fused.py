@@ -172,16 +172,18 @@ class _LayerUpdate:
     def _update_cpu(self, layer, x, delta, c_w, c_b, init: bool) -> None:
         """BLAS: ``G/α = δᵀx`` into a reused buffer, ``‖G‖`` from the B×B Grams, then the one-loop update."""
         fused, w, alpha = self.fused, layer.weight, layer.alpha
-        d_norm = math.sqrt(max(float(reference.grad_norm_sq_gram(x, delta, alpha)), 0.0))
+        batch, (n_out, n_in) = x.shape[0], w.shape
+        if w.dtype == x.dtype == torch.float32:
+            g, scale = torch.mm(delta.t(), x, out=self.buffer("grad", (n_out, n_in), w)), alpha  # G/α
+        else:
+            g, scale = reference.linear_act_backward_dw(delta, x, alpha)[0], 1.0
+        if batch * batch * (n_in + n_out) <= n_in * n_out:  # the two B×B Grams cost less than a read of G
+            g_sq = float(reference.grad_norm_sq_gram(x, delta, alpha))
+        else:
+            g_sq = float(torch.dot(g.reshape(-1), g.reshape(-1))) * scale * scale
+        d_norm = math.sqrt(max(g_sq, 0.0))
         coef = fused.host_coefficient(self.index_w, d_norm)
-        dot = 0.0
-        if coef != 0.0:
-            if w.dtype == x.dtype == torch.float32:
-                g = torch.mm(delta.t(), x, out=self.buffer("grad", tuple(w.shape), w))  # G/α
-                dot = coef * alpha * cpu.update_and_dot(w, c_w, g, coef * alpha, init)
-            else:
-                g = reference.linear_act_backward_dw(delta, x, alpha)[0]
-                dot = coef * cpu.update_and_dot(w, c_w, g, coef, init)
+        dot = coef * scale * cpu.update_and_dot(w, c_w, g, coef * scale, init) if coef != 0.0 else 0.0
         fused.file_host(self.index_w, d_norm, dot)
         if layer.bias is not None:
             db = reference.bias_grad(delta, layer.bias_scale)

@@ -161,6 +161,6 @@ def output_delta(dy: torch.Tensor, y: torch.Tensor, act: Activation) -> torch.Te
     slope_pos, slope_neg = act.a + act.b, act.a - act.b
     if slope_pos == slope_neg:
         return dy if slope_pos == 1.0 else dy * slope_pos
-    if (slope_pos, slope_neg) == (1.0, 0.0):
-        return torch.where(y > 0, dy, 0.0)
+    if (slope_pos, slope_neg) == (1.0, 0.0):  # ReLU: one pass, and differentiable (for double backward)
+        return torch.ops.aten.threshold_backward(dy, y, 0)
     return dy * torch.where(y > 0, slope_pos, slope_neg)
