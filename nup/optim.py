@@ -22,7 +22,7 @@ from nup.distributed import stat_reducer
 from nup.fused import attach_fused
 from nup.schedule import ConstantSchedule, MultiplierSchedule
 from nup.step_core import GLOBAL_KEY as _GLOBAL
-from nup_kernels import multi_tensor
+from nup_kernels import cpu, multi_tensor
 from nup_kernels.backend import use_triton
 
 CUMULATIVE_MODES = ("delta", "init")
@@ -255,16 +255,21 @@ class NuP(torch.optim.Optimizer):
             dc = torch.where(ok, dc, 0.0)  # a skipped tensor's ⟨D, C⟩ may be NaN
             c_norm_old, exact = c_sq.sqrt(), None
         else:
-            if _host_readable(ok) and bool(ok.all()):
-                safe = directions  # every direction is finite: nothing to mask
-            else:
-                safe = [torch.where(o, d, 0.0) for o, d in zip(ok.unbind(), directions)]
-            dc = self._dots(safe, act_params, cumulatives, init_mode)
             c_norm_old = core.pick(g["c_norm"], idx)
-            coefs = coef.unbind()
-            self._addcmul(act_params, safe, coefs)
-            if not init_mode:
-                self._addcmul(cumulatives, safe, coefs)
+            if _host_readable(ok) and not torch.compiler.is_compiling():
+                # eager CPU: coefficients are free to read; one loop per tensor updates P and C and
+                # accumulates ⟨D, C⟩ (a skipped tensor, coef = 0, is not touched)
+                dc = torch.tensor([
+                    cpu.update_and_dot(p, c, d, cf, init_mode) if cf != 0.0 else 0.0
+                    for p, c, d, cf in zip(act_params, cumulatives, directions, coef.tolist())
+                ], dtype=torch.float32)  # fmt: skip
+            else:  # no data-dependent branch: CUDA foreach, torch.compile(fullgraph=True), graph capture
+                safe = [torch.where(o, d, 0.0) for o, d in zip(ok.unbind(), directions)]
+                dc = self._dots(safe, act_params, cumulatives, init_mode)
+                coefs = coef.unbind()
+                self._addcmul(act_params, safe, coefs)
+                if not init_mode:
+                    self._addcmul(cumulatives, safe, coefs)
             exact = None
             if core.recompute_due(g, self.recompute_every):
                 exact = core.exact_c_norm(act_params, cumulatives, init_mode)
