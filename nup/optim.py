@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from nup import step_core as core
-from nup.distributed import stat_reducer
+from nup.distributed import _local, stat_reducer
 from nup.fused import attach_fused
 from nup.schedule import ConstantSchedule, MultiplierSchedule
 from nup.step_core import GLOBAL_KEY as _GLOBAL
@@ -186,32 +186,103 @@ class NuP(torch.optim.Optimizer):
         if not active:
             return loss
         act_params = [params[i] for i in active]
-        old = [p.detach().clone() for p in act_params] if self.base is not None else None
-        bad = None
         if self.base is not None:
-            bad = self._sanitize_grads(act_params)
-            self.base.step()
-            directions = torch._foreach_sub(old, act_params)  # what base moved, as a descent direction
-            for p, o in zip(act_params, old):  # per tensor: DTensor has no foreach_copy_ rule
-                p.copy_(o)
-        else:
-            directions = [p.grad for p in act_params]
+            self._wrapper_step(params, active, act_params, device)
+            return loss
         cumulatives = [self._cumulative_buffer(p) for p in act_params]
-        self._normalized_step(params, active, act_params, directions, cumulatives, device, bad)
+        directions = [p.grad for p in act_params]
+        self._normalized_step(params, active, act_params, directions, cumulatives, device)
         return loss
 
-    def _sanitize_grads(self, params: list[torch.Tensor]) -> torch.Tensor | None:
-        """Zero non-finite gradients before the base step, so the base's state stays finite.
+    def _wrapper_step(
+        self, params: list[torch.Tensor], active: list[int], act_params: list[torch.Tensor], device: torch.device
+    ) -> None:
+        """Wrapper mode: the base's step, normalized. The base steps the parameters in place from a
+        copy ``old``; the direction is ``D = old − P`` and ``P = old + coef·D``.
 
-        Returns the bool ``[k]`` mask of tensors whose gradient was not finite (their update is
-        then skipped), or None when every gradient is known to be finite.
+        A non-finite gradient anywhere skips the whole step, the base's included (like torch's
+        GradScaler), and counts every tensor as skipped. On CPU the base is then not called; on CUDA
+        (no host sync) a base that takes ``found_inf`` (torch's fused optimizers) skips on device,
+        and any other base steps on gradients with the non-finite entries zeroed (its state stays
+        finite) while every parameter is restored. A zero gradient is no special case: the base's
+        move is normalized; when the base does not move (SGD or Adam at step 0 without weight decay)
+        ``‖D‖ = 0`` and the tensor is left bit-identical.
         """
-        finite = torch.isfinite(torch.stack(torch._foreach_norm([p.grad for p in params], 2)))
-        if _host_readable(finite) and bool(finite.all()):
-            return None  # every gradient is finite: no pass to make
-        for p, f in zip(params, finite.unbind()):
-            p.grad.mul_(f).nan_to_num_(0.0, 0.0, 0.0)
-        return ~finite
+        cumulatives = [self._cumulative_buffer(p) for p in act_params]
+        grads = [p.grad for p in act_params]
+        found = self._found_non_finite(grads)
+        every = torch.ones(len(act_params), dtype=torch.bool, device=device)
+        if _host_readable(found) and not torch.compiler.is_compiling():
+            if bool(found):  # skip the base too; record every tensor as skipped
+                self._normalized_step(params, active, act_params, grads, cumulatives, device, every)
+                return
+            if self.cumulative == "delta" and all(cpu.loop_ready(p, c) for p, c in zip(act_params, cumulatives)):
+                self._rebase_step(params, active, act_params, cumulatives, device)
+                return
+        for g in _local(grads):  # the base's state stays finite (it may still step: see above)
+            g.nan_to_num_(0.0, 0.0, 0.0)
+        old = [p.detach().clone() for p in act_params]
+        amp = getattr(self.base, "_step_supports_amp_scaling", False)
+        if amp:
+            self.base.found_inf = found.float().reshape(1)
+        try:
+            self.base.step()
+        finally:
+            if amp:
+                del self.base.found_inf
+        directions = torch._foreach_sub(old, act_params)  # what base moved, as a descent direction
+        for p, o in zip(act_params, old):  # per tensor: DTensor has no foreach_copy_ rule
+            p.copy_(o)
+        self._normalized_step(params, active, act_params, directions, cumulatives, device, every & found)
+
+    def _rebase_step(
+        self, params: list[torch.Tensor], active: list[int], act_params: list[torch.Tensor],
+        cumulatives: list[torch.Tensor], device: torch.device,
+    ) -> None:  # fmt: skip
+        """Wrapper mode on CPU, fp32: copy P into reused buffers, step the base, then per tensor
+        ``‖old − P‖`` and one loop ``P = old + coef·D``, ``C += coef·D``, ``⟨D, C⟩`` (no clone, no sub)."""
+        old = self._wrapper_scratch(act_params)
+        torch._foreach_copy_(old, [p.detach() for p in act_params])
+        self.base.step()
+        d_norm = torch.tensor([math.sqrt(cpu.dist_sq(o, p)) for o, p in zip(old, act_params)], dtype=torch.float32)
+        g = self._global(device)
+        idx = core.active_index(active, len(params), device)
+        eta, scales, normalize = (core.pick(v, idx) for v in self.rates(device))
+        ok, coef, u = core.coefficients(d_norm, eta, scales, normalize)
+        dots = []
+        for p, o, c, cf in zip(act_params, old, cumulatives, coef.tolist()):
+            if cf == 0.0:  # skipped: back to the old bits
+                p.detach().copy_(o)
+                dots.append(0.0)
+            else:
+                dots.append(cpu.rebase_update(p.detach(), o, c, cf))
+        exact = None
+        if core.recompute_due(g, self.recompute_every):
+            exact = core.exact_c_norm(act_params, cumulatives, False)
+        dot = coef * torch.tensor(dots, dtype=torch.float32)
+        core.finish_step(g, idx, eta, ok, u, dot, core.pick(g["c_norm"], idx), exact, self.schedule)
+
+    def _wrapper_scratch(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Reused fp32 copies of the parameters (not optimizer state: not in the state dict)."""
+        scratch = self.__dict__.setdefault("_scratch", {})
+        out = []
+        for p in params:
+            t = scratch.get(p)
+            if t is None or t.shape != p.shape:
+                t = scratch[p] = torch.empty_like(p, memory_format=torch.contiguous_format)
+            out.append(t)
+        return out
+
+    @staticmethod
+    def _found_non_finite(grads: list[torch.Tensor]) -> torch.Tensor:
+        """0-dim bool: some gradient holds NaN or Inf (on DTensor shards: on any rank)."""
+        local = _local(grads)
+        found = ~torch.isfinite(torch.stack(torch._foreach_norm(local, 2, dtype=torch.float32))).all()
+        if any(g is not t for g, t in zip(grads, local)) and torch.distributed.is_initialized():
+            flag = found.to(torch.float32)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # every rank agrees
+            found = flag > 0
+        return found
 
     def rates(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This step's effective lr ``η = group lr · λ``, scales ``s_P`` and normalize mask, each fp32/bool ``[n]``."""
