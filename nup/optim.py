@@ -368,7 +368,10 @@ class NuP(torch.optim.Optimizer):
     # ----------------------------------------------------------------------------------------
     # statistics and checkpoints
     def stat_vectors(self) -> dict[str, Any]:
-        """This step's statistics as fp32 ``[n]`` device tensors, plus names, the multiplier and step."""
+        """This step's statistics as fp32 ``[n]`` device tensors, plus names, the multiplier and step.
+
+        The vectors are the optimizer's own buffers, updated in place by the next step: clone to keep them.
+        """
         params = self._params()
         device = params[0].device
         g = self._global(device)

@@ -118,19 +118,26 @@ def finish_step(
         c_norm_exact = torch.addcmul(torch.addcmul(2.0 * dot, c_norm_old, c_norm_old), u, u).clamp_min(0.0).sqrt()
     record(g, idx, u, cos, c_norm_exact, eta, ok)
     g["step"] += 1
+    lam = schedule.lam
     schedule.update(g["cos"], g["update_norm"])
+    if lam is not None and schedule.lam is not lam and schedule.lam.shape == lam.shape:
+        schedule.lam = lam.copy_(schedule.lam)  # in place: a captured step reads what the last one wrote
 
 
 def record(g, idx, u, cos, c_norm, eta, ok) -> None:
-    """Write this step's statistics into the ``[n]`` vectors (``idx``: the tensors that had grads)."""
+    """Write this step's statistics into the ``[n]`` vectors, in place (``idx``: the tensors that had grads).
+
+    In place, so the vectors keep their storage from step to step (CUDA-graph capture reads them).
+    """
     if idx is None:
-        g["update_norm"], g["cos"], g["c_norm"], g["lr"] = u, cos, c_norm, eta
-        g["path"] = g["path"] + u
-        g["skipped"] = g["skipped"] + ~ok
+        for key, value in (("update_norm", u), ("cos", cos), ("c_norm", c_norm), ("lr", eta)):
+            g[key].copy_(value)
+        g["path"].add_(u)
+        g["skipped"].add_(~ok)
         return
-    for key, value in (("update_norm", u), ("cos", cos)):  # tensors without a gradient did not move
-        g[key] = torch.zeros_like(g[key]).index_copy_(0, idx, value)
-    for key, value in (("c_norm", c_norm), ("lr", eta)):
-        g[key] = g[key].index_copy(0, idx, value)
-    g["path"] = g["path"].index_add(0, idx, u)
-    g["skipped"] = g["skipped"].index_add(0, idx, (~ok).long())
+    for key in ("update_norm", "cos"):  # tensors without a gradient did not move
+        g[key].zero_()
+    for key, value in (("update_norm", u), ("cos", cos), ("c_norm", c_norm), ("lr", eta)):
+        g[key].index_copy_(0, idx, value)
+    g["path"].index_add_(0, idx, u)
+    g["skipped"].index_add_(0, idx, (~ok).long())
