@@ -232,7 +232,12 @@ class _CompiledStep:
     """``zero_grad`` and ``torch.compile(opt.step, fullgraph=True)`` of an optimizer, as ``_with_optimizer`` wants."""
 
     def __init__(self, opt: torch.optim.Optimizer) -> None:
-        self.opt, self.step = opt, torch.compile(opt.step, fullgraph=True)
+        self.opt, self.compiled = opt, torch.compile(opt.step, fullgraph=True)
+        self.steps = 0
+
+    def step(self) -> None:
+        (self.compiled if self.steps else self.opt.step)()  # the first step, eager, makes NuP's state
+        self.steps += 1
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.opt.zero_grad(set_to_none=set_to_none)

@@ -29,6 +29,7 @@ def global_state(state: dict[Any, Any], n: int, device: torch.device) -> dict[st
     for key in STAT_VECTORS:
         v = g.get(key)
         if v is None or v.numel() != n or v.device != device:
+            _refuse_while_compiling()
             dtype = torch.int64 if key == "skipped" else torch.float32
             new = torch.zeros(n, dtype=dtype, device=device)
             if v is not None:
@@ -41,10 +42,21 @@ def global_state(state: dict[Any, Any], n: int, device: torch.device) -> dict[st
 def cumulative_buffer(param_state: dict[str, Any], p: torch.Tensor, init_mode: bool) -> torch.Tensor:
     """The tensor's cumulative buffer: ``C`` (zeros at first), or ``P_0`` when ``init_mode``."""
     if "cumulative" not in param_state:
+        _refuse_while_compiling()
         param_state["cumulative"] = (
             p.detach().clone() if init_mode else torch.zeros_like(p, memory_format=torch.preserve_format)
         )
     return param_state["cumulative"]
+
+
+def _refuse_while_compiling() -> None:
+    # State made inside a compiled graph can come back aliased (two zero vectors that get the same
+    # first value share one buffer), so it is made by an eager step.
+    if torch.compiler.is_compiling():
+        raise RuntimeError(
+            "NuP makes its state in the first step: run one eager opt.step() before calling "
+            "torch.compile(opt.step) (and after add_param_group)"
+        )
 
 
 def active_index(active: Sequence[int], n: int, device: torch.device) -> torch.Tensor | None:
