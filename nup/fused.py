@@ -81,6 +81,7 @@ class FusedStep:
             else:
                 b = self._device_buffers(eta.numel(), device)
                 torch.mul(eta.unsqueeze(1), self._rate_factors(scales, normalize), out=b["rates"])
+                b["dot"].zero_()  # a layer's kernel writes only its programs' slots (their count follows the path)
         self.seen.append(index)
 
     def _device_buffers(self, n: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -118,8 +119,8 @@ class FusedStep:
         idx = core.active_index(active, len(params), device)
         eta, scales, normalize = (core.pick(v, idx) for v in self.rates)
         if self.host is not None:
-            d_norm = torch.tensor(self.host["d_norm"], dtype=torch.float32)
-            dot = torch.tensor(self.host["dot"], dtype=torch.float32)
+            d_norm = torch.tensor(self.host["d_norm"], dtype=torch.float32, device=device)
+            dot = torch.tensor(self.host["dot"], dtype=torch.float32, device=device)
             self.host = None
         else:
             d_norm, dot = self.buffers["d_norm"], self.buffers["dot"].sum(1)

@@ -134,3 +134,17 @@ def test_fused_refuses_what_it_cannot_honour():
     with pytest.raises(RuntimeError, match="gradient accumulation"):
         nn.functional.cross_entropy(model(x), y).backward()
     del opt
+
+
+def test_fused_triton_path_change_between_steps_keeps_the_dots_exact(monkeypatch):
+    # batch 17 runs the small-batch kernel (64×64 tiles), batch 80 the materialized one (32×128):
+    # partials a previous path left in the per-step dot buffer must not count.
+    monkeypatch.setenv("NUP_BACKEND", "triton")
+    monkeypatch.delenv("NUP_UPDATE_PATH", raising=False)
+    a, b = _pair(depth=4, m=6)  # the (54, 24) layer: 1 small-batch program, 2 materialized ones
+    g = torch.Generator().manual_seed(4)
+    for batch in (80, 80, 17):  # C is 0 at the first step: its partials are 0
+        x, y = torch.randn(batch, 7, generator=g), torch.randint(0, 3, (batch,), generator=g)
+        _step(*a, x, y)
+        _step(*b, x, y)
+        _assert_same(a, b)
