@@ -294,6 +294,12 @@ def _check(
         )
 
 
+def _coefficient_of(norm: torch.Tensor, rates: torch.Tensor, index: int) -> torch.Tensor:
+    """The kernels' ``coef`` in torch (the reference branch): ``−(rates[i,0]/‖G‖ + rates[i,1])``, 0 to skip."""
+    ok = torch.isfinite(norm) & (norm > 0)
+    return torch.where(ok, -(rates[index, 0] / torch.where(ok, norm, 1.0) + rates[index, 1]), 0.0)
+
+
 def apply_normalized_update(
     weight: torch.Tensor,
     cumulative: torch.Tensor,
@@ -321,11 +327,8 @@ def apply_normalized_update(
     _check(weight, cumulative, None, grad, x, delta, cumulative_is_init)
     n_out, n_in = weight.shape
     if not use_triton(weight):
-        g_sq_total = (g_sq.float().sum() * g_sq_scale).clamp_min(0.0)
-        norm = g_sq_total.sqrt()
-        ok = torch.isfinite(norm) & (norm > 0)
-        a, b = rates[index, 0], rates[index, 1]
-        coef = torch.where(ok, -(a / torch.where(ok, norm, 1.0) + b), 0.0)
+        norm = (g_sq.float().sum() * g_sq_scale).clamp_min(0.0).sqrt()
+        coef = _coefficient_of(norm, rates, index)
         dot = reference.apply_update(
             weight, cumulative, coef, grad=grad, x=x, delta=delta, alpha=alpha, cumulative_is_init=cumulative_is_init
         )
@@ -373,8 +376,7 @@ def apply_bias_update(
     if not use_triton(bias):
         db = reference.bias_grad(delta, bias_scale)
         norm = db.norm()
-        ok = torch.isfinite(norm) & (norm > 0)
-        coef = torch.where(ok, -(rates[index, 0] / torch.where(ok, norm, 1.0) + rates[index, 1]), 0.0)
+        coef = _coefficient_of(norm, rates, index)
         dot_out[0] = reference.apply_update(bias, cumulative, coef, grad=db, cumulative_is_init=cumulative_is_init)
         d_norm_out[index] = norm
         return
