@@ -400,6 +400,23 @@ class NuP(torch.optim.Optimizer):
         per = {name: {k: v[k][i] for k in STAT_KEYS} for i, name in enumerate(v["names"])}
         return {"params": per, "global": {"multiplier": v["multiplier"], "cos_mean": v["cos_mean"], "step": v["step"]}}
 
+    def log_dict(self, prefix: str = "nup") -> dict[str, float]:
+        """The last step's statistics as one flat dict of floats, for loggers; the one method that syncs.
+
+        Keys: ``{prefix}/{stat}/{name}`` for every tensor and stat in ``cos``, ``update_norm``,
+        ``c_norm``, ``coherence``, ``lr`` (the effective rate ``group lr·λ``) and ``skipped``, plus
+        ``{prefix}/multiplier`` (mean ``λ``), ``{prefix}/cos_mean`` and ``{prefix}/step``.
+        """
+        v = self.stat_vectors()
+        flat = torch.cat([*(v[k].float() for k in STAT_KEYS), v["multiplier"].float().mean().reshape(1),
+                          v["cos_mean"].float().reshape(1)]).tolist()
+        n, out = len(v["names"]), {}
+        for i, key in enumerate(STAT_KEYS):
+            out.update({f"{prefix}/{key}/{name}": flat[i * n + j] for j, name in enumerate(v["names"])})
+        out[f"{prefix}/multiplier"], out[f"{prefix}/cos_mean"] = flat[-2], flat[-1]
+        out[f"{prefix}/step"] = float(v["step"])
+        return out
+
     def state_dict(self) -> dict[str, Any]:
         g = self.state.setdefault(_GLOBAL, {"step": 0})
         g["schedule"] = self.schedule.state_dict()
