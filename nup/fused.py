@@ -14,14 +14,15 @@ layers cannot work either (there are no ``.grad`` tensors): use ``fused=False`` 
 
 from __future__ import annotations
 
-import functools
+import math
 import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from nup_kernels import reference
-from nup_kernels.apply_update import apply_update, choose_update_path
+from nup import step_core as core
+from nup_kernels import cpu, reference
+from nup_kernels.apply_update import apply_bias_update, apply_normalized_update, choose_update_path, max_programs
 from nup_kernels.backend import use_triton
 from nup_kernels.gram_norm import grad_norm_sq_gram
 from nup_kernels.linear_act import (
@@ -33,15 +34,104 @@ from nup_kernels.linear_act import (
 
 if TYPE_CHECKING:
     from nup.model import NuLinear
-    from nup.optim import NuP
+
+
+class FusedStep:
+    """The fused path of one NuP optimizer: per-step buffers the layers' backward fills, and
+    :meth:`finish`, which ``opt.step()`` calls once.
+
+    Buffers (made at the first step, reused after): ``d_norm`` fp32 ``[n]`` (``‖D‖`` per tensor),
+    ``dot`` fp32 ``[n, slots]`` (per-program partials of ``⟨ΔP, C_old⟩``, summed once in
+    :meth:`finish`) and ``rates`` fp32 ``[n, 2]`` (``η·s`` for normalized tensors, ``η`` for the
+    others), which the apply kernels read to form ``coef = −(rates[i,0]/‖G‖ + rates[i,1])``.
+    On CPU the same numbers are host floats. Reads the optimizer only through its public
+    attributes (``param_groups``, ``state``, ``schedule``, ``cumulative``, ``recompute_every``, ``rates``).
+    """
+
+    def __init__(self, opt: torch.optim.Optimizer, slots: int) -> None:
+        self.opt_ref = weakref.ref(opt)
+        self.slots = slots
+        self.seen: list[int] = []
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.host: dict[str, list] | None = None  # CPU: this step's rates, ‖D‖ and dots as floats
+        self.rates: tuple[torch.Tensor, ...] = ()  # this step's η, s_P and normalize mask, set by the first layer
+
+    def optimizer(self) -> Any:
+        opt = self.opt_ref()
+        if opt is None:
+            raise RuntimeError("the NuP optimizer of this fused NuMLP was garbage-collected")
+        return opt
+
+    def begin(self, index: int, param: torch.Tensor) -> None:
+        """Called by each tensor's update: refuses a second backward; the first one sets this step's rates
+        (host floats where the kernels do not run, the device rate table where they do)."""
+        if index in self.seen:
+            raise RuntimeError(
+                "fused NuP applies each layer's update inside backward: call opt.step() after every "
+                "backward pass; for gradient accumulation use NuP(..., fused=False)"
+            )
+        if not self.seen:
+            device = param.device
+            self.rates = eta, scales, normalize = self.optimizer().rates(device)
+            if not use_triton(param):
+                n = eta.numel()
+                self.host = {"rates": [v.tolist() for v in (eta, scales, normalize)], "d_norm": [0.0] * n,
+                             "dot": [0.0] * n}  # fmt: skip
+            else:
+                b = self._device_buffers(eta.numel(), device)
+                b["rates"][:, 0].copy_(torch.where(normalize, eta * scales, 0.0))
+                b["rates"][:, 1].copy_(torch.where(normalize, 0.0, eta))
+        self.seen.append(index)
+
+    def _device_buffers(self, n: int, device: torch.device) -> dict[str, torch.Tensor]:
+        b = self.buffers
+        if not b or b["d_norm"].numel() != n or b["d_norm"].device != device:
+            b["d_norm"] = torch.zeros(n, dtype=torch.float32, device=device)
+            b["dot"] = torch.zeros(n, self.slots, dtype=torch.float32, device=device)
+            b["rates"] = torch.zeros(n, 2, dtype=torch.float32, device=device)
+        return b
+
+    def host_coefficient(self, i: int, d_norm: float) -> float:
+        """CPU: tensor ``i``'s ``coef`` (0.0 to skip) from its ``‖D‖`` and this step's rates."""
+        eta, scales, normalize = (v[i] for v in self.host["rates"])
+        return core.host_coefficient(d_norm, eta, scales, normalize)
+
+    def file_host(self, i: int, d_norm: float, dot: float) -> None:
+        self.host["d_norm"][i], self.host["dot"][i] = d_norm, dot
+
+    def finish(self, device: torch.device) -> None:
+        """Turn what the backward filed into this step's statistics; advance the schedule."""
+        if not self.seen:
+            return
+        opt = self.optimizer()
+        params = core.all_params(opt.param_groups)
+        active, self.seen = sorted(self.seen), []
+        g = core.global_state(opt.state, len(params), device)
+        idx = core.active_index(active, len(params), device)
+        eta, scales, normalize = (core.pick(v, idx) for v in self.rates)
+        if self.host is not None:
+            d_norm = torch.tensor(self.host["d_norm"], dtype=torch.float32)
+            dot = torch.tensor(self.host["dot"], dtype=torch.float32)
+            self.host = None
+        else:
+            d_norm, dot = self.buffers["d_norm"], self.buffers["dot"].sum(1)
+        ok, _, u = core.coefficients(core.pick(d_norm, idx), eta, scales, normalize)
+        exact = None
+        if core.recompute_due(g, opt.recompute_every):
+            init = opt.cumulative == "init"
+            ps = [params[i] for i in active]
+            exact = core.exact_c_norm(ps, [core.cumulative_buffer(opt.state[p], p, init) for p in ps], init)
+        dot = torch.where(ok, core.pick(dot, idx), 0.0)
+        core.finish_step(g, idx, eta, ok, u, dot, core.pick(g["c_norm"], idx), exact, opt.schedule)
 
 
 class _LayerUpdate:
     """Installed as ``NuLinear.fused_update``: runs the layer with its update in the backward."""
 
-    def __init__(self, opt: NuP, index_w: int, index_b: int | None) -> None:
-        self.opt_ref = weakref.ref(opt)
+    def __init__(self, fused: FusedStep, index_w: int, index_b: int | None) -> None:
+        self.fused = fused
         self.index_w, self.index_b = index_w, index_b
+        self.scratch: dict[str, torch.Tensor] = {}  # per-layer buffers, made once per shape
 
     def __call__(self, layer: NuLinear, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != layer.fan_in:
@@ -50,55 +140,77 @@ class _LayerUpdate:
         y = _LinearActUpdate.apply(x2d, layer.weight, layer.bias, layer, self)
         return y.reshape(*x.shape[:-1], layer.fan_out)
 
-    def update(
-        self, layer: NuLinear, x: torch.Tensor, dy: torch.Tensor, saved: torch.Tensor, delta: torch.Tensor
-    ) -> None:
-        """Apply this layer's normalized update in place and file its partial sums with the optimizer."""
-        opt = self.opt_ref()
-        if opt is None:
-            raise RuntimeError("the NuP optimizer of this fused NuMLP was garbage-collected")
-        pending = _pending(opt, layer.weight.device)
-        if self.index_w in pending["seen"]:
-            raise RuntimeError(
-                "fused NuP applies each layer's update inside backward: call opt.step() after every "
-                "backward pass; for gradient accumulation use NuP(..., fused=False)"
-            )
-        w, alpha, init = layer.weight, layer.alpha, opt.cumulative == "init"
-        path = choose_update_path(x.shape[0], w.shape[0], w.shape[1], w.dtype)
+    def buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A persistent fp32 scratch tensor of ``shape`` (reused across steps)."""
+        t = self.scratch.get(name)
+        if t is None or t.shape != shape or t.device != like.device:
+            t = self.scratch[name] = torch.zeros(shape, dtype=torch.float32, device=like.device)
+        return t
+
+    def update(self, layer: NuLinear, x: torch.Tensor, dy: torch.Tensor, saved: torch.Tensor, delta) -> None:
+        """Apply this layer's normalized update in place and file its partial sums."""
+        opt, fused, w = self.fused.optimizer(), self.fused, layer.weight
+        init = opt.cumulative == "init"
+        fused.begin(self.index_w, w)
+        if self.index_b is not None:
+            fused.begin(self.index_b, w)
+        c_w = core.cumulative_buffer(opt.state[w], w, init)
+        c_b = None if layer.bias is None else core.cumulative_buffer(opt.state[layer.bias], layer.bias, init)
+        if fused.host is not None:
+            self._update_cpu(layer, x, delta, c_w, c_b, init)
+        else:
+            self._update_kernels(layer, x, dy, saved, delta, c_w, c_b, init)
+
+    def _update_cpu(self, layer, x, delta, c_w, c_b, init: bool) -> None:
+        """BLAS: ``G/α = δᵀx`` into a reused buffer, ``‖G‖`` from the B×B Grams, then the one-loop update."""
+        fused, w, alpha = self.fused, layer.weight, layer.alpha
+        d_norm = math.sqrt(max(float(reference.grad_norm_sq_gram(x, delta, alpha)), 0.0))
+        coef = fused.host_coefficient(self.index_w, d_norm)
+        dot = 0.0
+        if coef != 0.0:
+            if w.dtype == x.dtype == torch.float32:
+                g = torch.mm(delta.t(), x, out=self.buffer("grad", tuple(w.shape), w))  # G/α
+                dot = coef * alpha * cpu.update_and_dot(w, c_w, g, coef * alpha, init)
+            else:
+                g = reference.linear_act_backward_dw(delta, x, alpha)[0]
+                dot = coef * cpu.update_and_dot(w, c_w, g, coef, init)
+        fused.file_host(self.index_w, d_norm, dot)
+        if layer.bias is not None:
+            db = reference.bias_grad(delta, layer.bias_scale)
+            b_norm = float(db.norm())
+            coef = fused.host_coefficient(self.index_b, b_norm)
+            dot = coef * cpu.update_and_dot(layer.bias, c_b, db, coef, init) if coef != 0.0 else 0.0
+            fused.file_host(self.index_b, b_norm, dot)
+
+    def _update_kernels(self, layer, x, dy, saved, delta, c_w, c_b, init: bool) -> None:
+        """Triton (CUDA, or the interpreter) and the oracle: ‖G‖² partials, then one apply launch with
+        the coefficient formed inside; the bias in one launch of its own."""
+        b, w, alpha = self.fused.buffers, layer.weight, layer.alpha
+        out = dict(rates=b["rates"], d_norm_out=b["d_norm"], cumulative_is_init=init)
+        path = choose_update_path(x.shape[0], w.shape[0], w.shape[1], w.dtype, w.device)
         if path == "small_batch":
-            grad, g_sq = None, grad_norm_sq_gram(x, delta, alpha)
+            grad, g_sq = None, self._gram_partials(x, delta, alpha)
         elif use_triton(x):
             grad, g_sq = linear_act_backward_dw(dy, saved, x, alpha, layer.activation)
+            g_sq = g_sq.reshape(1)
         else:
             grad, g_sq = reference.linear_act_backward_dw(delta, x, alpha)
-        self._apply(opt, pending, self.index_w, w, g_sq.sqrt(), grad=grad, x=x, delta=delta, alpha=alpha, init=init)
-        if self.index_b is not None:
-            db = reference.bias_grad(delta, layer.bias_scale)
-            self._apply(opt, pending, self.index_b, layer.bias, db.norm(), grad=db, init=init)
+            g_sq = g_sq.reshape(1)
+        apply_normalized_update(
+            w, c_w, g_sq, self.index_w, dot_out=b["dot"][self.index_w], grad=grad, x=x, delta=delta,
+            alpha=alpha, **out,
+        )  # fmt: skip
+        if layer.bias is not None:
+            apply_bias_update(
+                layer.bias, c_b, delta, layer.bias_scale, self.index_b, dot_out=b["dot"][self.index_b], **out
+            )
 
-    @staticmethod
-    def _apply(
-        opt: NuP,
-        pending: dict[str, Any],
-        i: int,
-        p: torch.Tensor,
-        d_norm: torch.Tensor,
-        *,
-        grad: torch.Tensor | None,
-        init: bool,
-        x=None,
-        delta=None,
-        alpha: float = 1.0,
-    ) -> None:
-        _, _, coef, _ = opt._coefficients(d_norm.reshape(1), _index_tensor(i, p.device), p.device, pending["rates"])
-        cumulative = opt._cumulative_buffer(p)
-        if p.dim() == 2:
-            dot = apply_update(p, cumulative, coef, grad=grad, x=x, delta=delta, alpha=alpha, cumulative_is_init=init)
-        else:
-            dot = reference.apply_update(p, cumulative, coef.reshape(()), grad=grad, cumulative_is_init=init)
-        pending["d_norm"][i] = d_norm
-        pending["dot"][i] = dot
-        pending["seen"].append(i)
+    def _gram_partials(self, x: torch.Tensor, delta: torch.Tensor, alpha: float) -> torch.Tensor:
+        """``‖G‖²`` as an fp32 partials vector (here of length 1).
+
+        Switch to ``gram_norm.grad_norm_sq_partials`` (one launch, no sum) when it is merged.
+        """
+        return grad_norm_sq_gram(x, delta, alpha).reshape(1)
 
 
 class _LinearActUpdate(torch.autograd.Function):
@@ -107,13 +219,16 @@ class _LinearActUpdate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, layer, hook):
         act = layer.activation
-        if use_triton(x) and act.name != "custom":
+        kernels = use_triton(x) and act.name != "custom"
+        if kernels:
             y, saved = linear_act_forward(x, weight, bias, layer.alpha, layer.bias_scale, act)
+        elif cpu.folds_into_blas(act) and x.dtype == weight.dtype:
+            y = saved = cpu.scaled_linear_act_forward(x, weight, bias, layer.alpha, layer.bias_scale, act)
         else:
             y, h = reference.linear_act_forward(x, weight, bias, layer.alpha, layer.bias_scale, act)
             saved = y if act.grad_from_output else h
         ctx.save_for_backward(x, weight, saved)
-        ctx.layer, ctx.hook = layer, hook
+        ctx.layer, ctx.hook, ctx.kernels = layer, hook, kernels
         return y
 
     @staticmethod
@@ -121,49 +236,37 @@ class _LinearActUpdate(torch.autograd.Function):
         x, weight, saved = ctx.saved_tensors
         layer = ctx.layer
         act = layer.activation
-        if use_triton(x) and act.name != "custom":
+        if ctx.kernels:
             delta = activation_delta(dy, saved, act)
+        elif cpu.folds_into_blas(act) and x.dtype == weight.dtype:
+            delta = cpu.output_delta(dy, saved, act).float()
         else:
             delta = reference.activation_delta(dy, saved, act, act.grad_from_output)
         dx = None
         if ctx.needs_input_grad[0]:  # uses the old W: computed before the update
-            if use_triton(x) and act.name != "custom":
+            if ctx.kernels:  # switch to linear_act_backward_delta_dx (δ and dx in one launch) when merged
                 dx = linear_act_backward_dx(dy, saved, weight, layer.alpha, act, out_dtype=x.dtype)
             else:
-                dx = reference.linear_act_backward_dx(delta, weight, layer.alpha).to(x.dtype)
+                dx = cpu.scaled_mm(delta.to(weight.dtype), weight, layer.alpha).to(x.dtype)
         with torch.no_grad():
             ctx.hook.update(layer, x, dy, saved, delta)
         return dx, None, None, None, None
 
 
-@functools.lru_cache(maxsize=4096)
-def _index_tensor(i: int, device: torch.device) -> torch.Tensor:
-    """``tensor([i])`` on ``device``, made once (no host-to-device copy per step)."""
-    return torch.tensor([i], device=device)
+def dot_slots(params: list[torch.Tensor]) -> int:
+    """Per-tensor partials of ``⟨ΔP, C⟩`` the apply kernels may write (the ``dot`` buffer's width)."""
+    return max([max_programs(p.shape[0], p.shape[1]) if p.dim() == 2 else 1 for p in params] + [1])
 
 
-def _pending(opt: NuP, device: torch.device) -> dict[str, Any]:
-    """This step's per-tensor ``‖D‖`` and ``⟨ΔP, C⟩`` (fp32 ``[n]``), which tensors were updated, and the rates."""
-    state = getattr(opt, "_fused_pending", None)
-    if state is None:
-        n = len(opt._params())
-        state = {
-            "d_norm": torch.zeros(n, dtype=torch.float32, device=device),
-            "dot": torch.zeros(n, dtype=torch.float32, device=device),
-            "seen": [],
-            "rates": opt._rates(device),  # once per step, shared by every layer and by opt.step()
-        }
-        opt._fused_pending = state
-    return state
-
-
-def attach_fused(opt: NuP) -> None:
-    """Install the fused update on every NuMLP layer whose parameters ``opt`` holds."""
+def attach_fused(opt: torch.optim.Optimizer) -> FusedStep:
+    """Install the fused update on every NuMLP layer whose parameters ``opt`` (a NuP) holds."""
     if opt.base is not None:
         raise ValueError("fused=True is νP-SGD mode only; it cannot wrap a base optimizer (use fused=False)")
-    index = {id(p): i for i, p in enumerate(opt._params())}
+    params = core.all_params(opt.param_groups)
+    index = {id(p): i for i, p in enumerate(params)}
+    fused = FusedStep(opt, dot_slots(params))
     layers = {}
-    for p in opt._params():
+    for p in params:
         ref = getattr(p, "_nup_layer", None)
         layer = ref() if ref is not None else None
         if layer is None:
@@ -175,28 +278,6 @@ def attach_fused(opt: NuP) -> None:
         if id(layer.weight) not in index or (layer.bias is not None and id(layer.bias) not in index):
             raise ValueError("fused=True needs each layer's weight and bias in the same optimizer")
         layer.fused_update = _LayerUpdate(
-            opt, index[id(layer.weight)], None if layer.bias is None else index[id(layer.bias)]
+            fused, index[id(layer.weight)], None if layer.bias is None else index[id(layer.bias)]
         )
-
-
-def finish_fused_step(opt: NuP, device: torch.device) -> None:
-    """Turn the partial sums the backward filed into this step's statistics; advance the schedule."""
-    pending = getattr(opt, "_fused_pending", None)
-    if pending is None or not pending["seen"]:
-        return
-    opt._fused_pending = None
-    params = opt._params()
-    g = opt._global(device)
-    active = sorted(pending["seen"])
-    idx = opt._index(active, len(params), device)
-    pick = (lambda v: v) if idx is None else (lambda v: v.index_select(0, idx))
-    eta, ok, _, u = opt._coefficients(pick(pending["d_norm"]), idx, device, pending["rates"])
-    c_norm_old = pick(g["c_norm"])
-    exact = None
-    if (g["step"] + 1) % opt.recompute_every == 0:
-        ps = [params[i] for i in active]
-        cs = [opt._cumulative_buffer(p) for p in ps]
-        if opt.cumulative == "init":
-            cs = [p.float() - c.float() for p, c in zip(ps, cs)]
-        exact = torch.stack(torch._foreach_norm(cs, 2, dtype=torch.float32))
-    opt._finish_step(g, idx, eta, ok, u, pick(pending["dot"]), c_norm_old, exact)
+    return fused

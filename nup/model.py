@@ -25,6 +25,8 @@ from nup.parameterization import (
     weight_scale,
 )
 from nup_kernels.activations import NAMED, Activation, get_activation
+from nup_kernels.backend import use_triton
+from nup_kernels.cpu import ScaledLinearAct, folds_into_blas
 from nup_kernels.linear_act import linear_act
 
 READOUTS = ("mup", "ntk")
@@ -81,6 +83,9 @@ class NuLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_update is not None and torch.is_grad_enabled():
             return self.fused_update(self, x)
+        if x.dim() == 2 and x.shape[1] == self.fan_in and folds_into_blas(self.activation) and not use_triton(x):
+            # CPU: α folded into the GEMMs (forward and backward), no pass of its own
+            return ScaledLinearAct.apply(x, self.weight, self.bias, self.alpha, self.bias_scale, self.activation)
         return linear_act(x, self.weight, self.bias, self.alpha, self.bias_scale, self.activation)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,166 @@
+"""The fast CPU path: BLAS with α folded into the GEMM, and a one-loop update.
+
+- :class:`ScaledLinearAct`: ``y = φ(α·x Wᵀ + bias_scale·b)`` with ``α`` passed to ``addmm`` in the
+  forward and in both backward GEMMs (no extra pass over ``h``, ``dx`` or ``dW``). Its backward is
+  written in differentiable torch ops, so double backward (Hessian-vector products) still works.
+  Only for activations whose ``φ'`` is read from ``y`` (ReLU, leaky ReLU, identity, tanh).
+- :func:`update_and_dot`: ``W += coef·G``, ``C += coef·G`` and ``⟨G, C_old⟩`` in one loop over
+  fp32 contiguous tensors (read W, C, G; write W, C). The loop is a few lines of C compiled once
+  per machine with the system C compiler into ``$NUP_CACHE_DIR`` (default ``~/.cache/nup``) and
+  called through ctypes; without a compiler, or with ``NUP_CPU_LOOP=0``, the same result comes
+  from eager torch (``torch.dot`` and two ``add_``: three passes more).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from nup_kernels.activations import Activation
+
+_LOOP_SOURCE = r"""
+#include <stdint.h>
+/* W += coef*G; C += coef*G (or, with init, C holds P_0 and C_old = W - P_0); returns <G, C_old>. */
+float nup_update_dot(float *restrict w, float *restrict c, const float *restrict g, int64_t n, float coef, int init) {
+    float acc = 0.0f;
+    if (init) {
+        #pragma omp simd reduction(+:acc)
+        for (int64_t i = 0; i < n; ++i) {
+            float gi = g[i], wi = w[i];
+            acc += gi * (wi - c[i]);
+            w[i] = wi + coef * gi;
+        }
+    } else {
+        #pragma omp simd reduction(+:acc)
+        for (int64_t i = 0; i < n; ++i) {
+            float gi = g[i], ci = c[i], s = coef * gi;
+            acc += gi * ci;
+            w[i] += s;
+            c[i] = ci + s;
+        }
+    }
+    return acc;
+}
+"""
+_CFLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off", "-shared", "-fPIC")
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("NUP_CACHE_DIR") or Path.home() / ".cache" / "nup")
+
+
+@functools.lru_cache(maxsize=1)
+def _loop_library() -> ctypes.CDLL | None:
+    """The compiled one-loop update, built on first use; None without a C compiler."""
+    digest = hashlib.sha256((_LOOP_SOURCE + " ".join(_CFLAGS)).encode()).hexdigest()[:16]
+    lib = _cache_dir() / f"nup_cpu_loop_{digest}.so"
+    if not lib.exists():
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
+            src, out = Path(tmp) / "loop.c", Path(tmp) / "loop.so"
+            src.write_text(_LOOP_SOURCE)
+            cc = os.environ.get("CC", "cc")
+            try:
+                subprocess.run([cc, *_CFLAGS, str(src), "-o", str(out)], check=True, capture_output=True)
+            except (OSError, subprocess.CalledProcessError):
+                return None
+            os.replace(out, lib)  # atomic: concurrent builders agree on one file
+    dll = ctypes.CDLL(str(lib))
+    fn = dll.nup_update_dot
+    fn.restype = ctypes.c_float
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
+    return dll
+
+
+def loop_available() -> bool:
+    """True when the compiled one-loop update is used (``NUP_CPU_LOOP=0`` turns it off)."""
+    return os.environ.get("NUP_CPU_LOOP", "1") != "0" and _loop_library() is not None
+
+
+def update_and_dot(
+    weight: torch.Tensor, cumulative: torch.Tensor, grad: torch.Tensor, coef: float, init: bool = False
+) -> float:
+    """``W += coef·G`` and ``C += coef·G`` in place (``init``: ``C`` holds ``P_0``, left as is); return
+    ``⟨G, C_old⟩`` as a float. CPU tensors of one shape; ``coef`` is a host float (never 0 here:
+    the caller skips the call for a skipped tensor). fp32 contiguous tensors take the one loop."""
+    fast = (
+        weight.dtype == cumulative.dtype == grad.dtype == torch.float32
+        and weight.is_contiguous() and cumulative.is_contiguous() and grad.is_contiguous()
+        and loop_available()
+    )  # fmt: skip
+    if fast:
+        fn = _loop_library().nup_update_dot
+        return fn(weight.data_ptr(), cumulative.data_ptr(), grad.data_ptr(), weight.numel(), coef, int(init))
+    g = grad.float().reshape(-1)
+    c_old = weight.float() - cumulative.float() if init else cumulative.float()
+    dot = float(torch.dot(g, c_old.reshape(-1)))
+    weight.add_(grad.to(weight.dtype), alpha=coef)
+    if not init:
+        cumulative.add_(grad.to(cumulative.dtype), alpha=coef)
+    return dot
+
+
+def folds_into_blas(act: Activation) -> bool:
+    """True for the activations :class:`ScaledLinearAct` takes (``φ'`` read from ``y``, no custom φ)."""
+    return act.name != "custom" and act.grad_from_output
+
+
+def _zero(t: torch.Tensor) -> torch.Tensor:
+    return torch.zeros((), dtype=t.dtype, device=t.device)
+
+
+def scaled_mm(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``α·(a @ b)`` with α applied inside the GEMM (``addmm`` with ``beta=0``)."""
+    return torch.addmm(_zero(a), a, b, beta=0.0, alpha=alpha)
+
+
+def scaled_linear_act_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, alpha: float, bias_scale: float,
+    act: Activation,
+) -> torch.Tensor:
+    """``φ(α·x Wᵀ + bias_scale·b)``: one ``addmm``, then φ in place where it can be."""
+    if bias is None:
+        h = scaled_mm(x, weight.t(), alpha)
+    else:
+        h = torch.addmm(bias, x, weight.t(), beta=bias_scale, alpha=alpha)
+    return h.relu_() if act.is_linear_abs and (act.a, act.b) == (0.5, 0.5) else act(h)  # identity: act(h) is h
+
+
+class ScaledLinearAct(torch.autograd.Function):
+    """``y = φ(α·x Wᵀ + bias_scale·b)`` on 2-D ``x`` ``(B, n_in)``, ``α`` folded into every GEMM."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, alpha: float, bias_scale: float, act: Activation):
+        y = scaled_linear_act_forward(x, weight, bias, alpha, bias_scale, act)
+        ctx.save_for_backward(x, weight, y)
+        ctx.alpha, ctx.bias_scale, ctx.act, ctx.has_bias = alpha, bias_scale, act, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, y = ctx.saved_tensors
+        delta = output_delta(dy, y, ctx.act)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx = scaled_mm(delta, weight, ctx.alpha) if need_x else None
+        dw = scaled_mm(delta.t(), x, ctx.alpha) if need_w else None
+        db = delta.sum(0).mul(ctx.bias_scale) if need_b and ctx.has_bias else None
+        return dx, dw, db, None, None, None
+
+
+def output_delta(dy: torch.Tensor, y: torch.Tensor, act: Activation) -> torch.Tensor:
+    """``δ = dy ⊙ φ'`` with ``φ'`` read from ``y = φ(h)``, in dy's dtype (differentiable)."""
+    if act.name == "tanh":
+        return dy * (1.0 - y * y)
+    slope_pos, slope_neg = act.a + act.b, act.a - act.b
+    if slope_pos == slope_neg:
+        return dy if slope_pos == 1.0 else dy * slope_pos
+    if (slope_pos, slope_neg) == (1.0, 0.0):
+        return torch.where(y > 0, dy, 0.0)
+    return dy * torch.where(y > 0, slope_pos, slope_neg)
