@@ -110,6 +110,44 @@ def test_lightning_callback_logs_the_effective_lr(tmp_path):
     assert {f"nup/{k}/net.2.weight" for k in ("cos", "update_norm", "c_norm")} <= set(last)
 
 
+def _lightning_module(pl):
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = _model()
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return nup.NuP(self.named_parameters(), lr=0.1, schedule=nup.make_schedule("geometry"))
+
+    return Module()
+
+
+def test_lightning_resume_is_bit_exact(tmp_path):
+    pl = pytest.importorskip("lightning.pytorch")
+    x, y = _data()
+    # one batch per epoch: every step sees the same data, whatever Lightning's loop does at a restart
+    # (resumed at an epoch's end, it replays the first batch of the next epoch one step early)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
+
+    def trainer(steps):
+        return pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path)
+
+    whole = _lightning_module(pl)
+    trainer(8).fit(whole, loader)
+    first = trainer(4)
+    first.fit(_lightning_module(pl), loader)
+    first.save_checkpoint(tmp_path / "half.ckpt")
+    resumed = _lightning_module(pl)
+    trainer(8).fit(resumed, loader, ckpt_path=tmp_path / "half.ckpt")
+    for p, q in zip(whole.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+
+
 def test_transformers_trainer_logs_nup_statistics(tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
@@ -136,6 +174,7 @@ def test_transformers_trainer_logs_nup_statistics(tmp_path):
     trainer.train()
     logged = [row for row in trainer.state.log_history if "nup/multiplier" in row]
     assert [row["step"] for row in logged] == [2, 4, 6]
+    assert "nup/lr/net.0.weight" in logged[0]
     assert all(f"nup/cos/net.{i}.weight" in row for row in logged for i in (0, 2))
     # HF's learning_rate is group['lr'] (after its scheduler); nup/lr is the rate applied, with λ
     applied = float(opt.stat_vectors()["lr"][0])
@@ -185,3 +224,28 @@ def test_nup_train_tensorboard_logs_every_metric(tmp_path):
     assert {f"nup/{k}/{n}" for k in ("cos", "lr", "update_norm", "c_norm") for n in summary["names"]} <= tags
     assert [e.step for e in events.Scalars("train/loss")] == list(range(6))
     assert [e.step for e in events.Scalars("test/acc")] == [2, 5]
+
+
+def test_transformers_optimizer_cls_and_kwargs_keeps_weight_decay(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _model()
+
+        def forward(self, x, labels=None):
+            return {"loss": nn.functional.cross_entropy(self.net(x), labels)}
+
+    x, y = _data()
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2, report_to=[], use_cpu=True,
+                                          per_device_train_batch_size=16, save_strategy="no", disable_tqdm=True,
+                                          weight_decay=0.1)
+    data = [{"x": a, "labels": b} for a, b in zip(x, y)]
+    trainer = transformers.Trainer(model=Model(), args=args, train_dataset=data,
+                                   optimizer_cls_and_kwargs=(nup.NuP, {"lr": 0.1}))
+    trainer.train()
+    opt = nup_optimizers(trainer.optimizer)[0]
+    # HF's AdamW-style groups arrive: decay on the matrices, none on the biases
+    assert sorted((g["weight_decay"], len(g["params"])) for g in opt.param_groups) == [(0.0, 2), (0.1, 2)]
