@@ -247,25 +247,27 @@ class NuP(torch.optim.Optimizer):
         return core.cumulative_buffer(self.state[p], p, self.cumulative == "init")
 
     def _scales(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-tensor ``s_P`` and a normalize mask, cached until the groups' settings change."""
-        key, scales, normalize = [], [], []
-        names = iter(self.param_names)
-        for g in self.param_groups:
-            for p in g["params"]:
-                name, meta = next(names), getattr(p, "_nup_meta", None)
-                s = g["scale"] if g["scale"] is not None else resolve_scale(name, p, self._scale_overrides)
-                norm = meta is not None or p.dim() >= 2 or g["normalize_vectors"] or g["scale"] is not None
-                scales.append(float(s))
-                normalize.append(norm)
-        key = (tuple(scales), tuple(normalize), device)
+        """Per-tensor ``s_P`` and a normalize mask, cached until the groups or their settings change."""
+        signature = (tuple((id(g["params"]), len(g["params"]), g["scale"], g["normalize_vectors"])
+                           for g in self.param_groups), device)
         cached = getattr(self, "_scale_cache", None)
-        if cached is None or cached[0] != key:
+        if cached is None or cached[2] != signature:
+            scales, normalize = [], []
+            names = iter(self.param_names)
+            for g in self.param_groups:
+                for p in g["params"]:
+                    name, meta = next(names), getattr(p, "_nup_meta", None)
+                    s = g["scale"] if g["scale"] is not None else resolve_scale(name, p, self._scale_overrides)
+                    scales.append(float(s))
+                    forced = g["normalize_vectors"] or g["scale"] is not None
+                    normalize.append(meta is not None or p.dim() >= 2 or forced)
             self._scale_cache = (
-                key,
-                torch.tensor(scales, dtype=torch.float32, device=device),
-                torch.tensor(normalize, dtype=torch.bool, device=device),
+                (tuple(scales), tuple(normalize)),
+                (torch.tensor(scales, dtype=torch.float32, device=device),
+                 torch.tensor(normalize, dtype=torch.bool, device=device)),
+                signature,
             )
-        return self._scale_cache[1], self._scale_cache[2]
+        return self._scale_cache[1]
 
     def _group_lr(self, device: torch.device) -> torch.Tensor:
         """``group['lr']`` per tensor, fp32 ``[n]``."""
