@@ -51,15 +51,16 @@ def _host_readable(t: torch.Tensor) -> bool:
     return t.device.type == "cpu"
 
 
-def _groups(params: Any) -> list[dict[str, Any]]:
+def _groups(params: Any, has_base: bool) -> list[dict[str, Any]]:
     """Tensors, ``(name, tensor)`` pairs, group dicts or an ``nn.Module`` as torch-style groups.
 
     Names stay as torch keeps them (``group['param_names']``). A module's parameters come named,
-    with their layouts recorded for :mod:`nup.scales`.
+    with their layouts recorded for :mod:`nup.scales`; without a base, a module that makes sparse
+    gradients is refused here.
     """
     if isinstance(params, nn.Module):
         sparse = [n for n, m in params.named_modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
-        if sparse:
+        if sparse and not has_base:
             raise ValueError(f"NuP: {sparse[0]!r} makes sparse gradients; νP-SGD cannot normalize them: pass "
                              "base=torch.optim.SparseAdam(...) over its parameters, or use sparse=False")
         params = tag_layouts(params).named_parameters()
@@ -145,7 +146,7 @@ class NuP(torch.optim.Optimizer):
             raise ValueError(f"cumulative must be one of {CUMULATIVE_MODES}, got {cumulative!r}")
         if recompute_every < 1:
             raise ValueError(f"recompute_every must be >= 1, got {recompute_every}")
-        groups = _groups(params)
+        groups = _groups(params, base is not None)
         bases = [] if base is None else [base] if isinstance(base, torch.optim.Optimizer) else list(base)
         momentum = {k: v for b in bases for k, v in b.defaults.items() if k in PASS_THROUGH}
         defaults = dict(lr=lr, scale=scale, normalize_vectors=normalize_vectors, weight_decay=float(weight_decay),

@@ -214,8 +214,9 @@ def test_several_bases_each_over_its_own_parameters():
         opt.step()
     assert all(not torch.equal(p, q) for p, q in zip(params, before))
     assert int(opt.stat_vectors()["skipped"].sum()) == 0
-    other = NuP(params, lr=0.1, base=[torch.optim.SparseAdam(list(emb.parameters()), lr=1e-2),
-                                      torch.optim.AdamW(list(head.parameters()), lr=1e-2)])
+    model = nn.Sequential(emb, head)  # a module with a sparse embedding is accepted once it has a base
+    other = NuP(model, lr=0.1, base=[torch.optim.SparseAdam(list(emb.parameters()), lr=1e-2),
+                                     torch.optim.AdamW(list(head.parameters()), lr=1e-2)])
     other.load_state_dict(opt.state_dict())
     assert other.bases[0].state_dict()["state"][0]["step"] == 3
     with pytest.raises(ValueError, match="several bases"):
