@@ -19,6 +19,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import torch
+
 from nup.optim import NuP
 
 
@@ -36,11 +38,32 @@ def nup_optimizers(optimizers: Any) -> list[NuP]:
     return out
 
 
-def collect(optimizers: Any, prefix: str = "nup") -> dict[str, float]:
-    """One flat dict over every NuP in ``optimizers``; the second and later get ``{prefix}{i}/`` keys."""
+def model_names(opt: NuP, model: torch.nn.Module | None) -> dict[str, str]:
+    """``{param{i}: name in model}`` for the tensors ``opt`` holds without a name (frameworks often
+    build optimizers from ``model.parameters()``)."""
+    if model is None:
+        return {}
+    by_id = {id(p): name.replace("_orig_mod.", "") for name, p in model.named_parameters()}
+    out, i = {}, 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if "param_names" not in group and id(p) in by_id:
+                out[f"param{i}"] = by_id[id(p)]
+            i += 1
+    return out
+
+
+def collect(optimizers: Any, prefix: str = "nup", model: torch.nn.Module | None = None) -> dict[str, float]:
+    """One flat dict over every NuP in ``optimizers``; the second and later get ``{prefix}{i}/`` keys.
+
+    With ``model``, tensors the optimizer holds without names are keyed by their names in ``model``.
+    """
     logs: dict[str, float] = {}
     for i, opt in enumerate(nup_optimizers(optimizers)):
-        logs.update(opt.log_dict(prefix if i == 0 else f"{prefix}{i}"))
+        names = model_names(opt, model)
+        for key, value in opt.log_dict(prefix if i == 0 else f"{prefix}{i}").items():
+            head, _, name = key.rpartition("/")
+            logs[f"{head}/{names[name]}" if name in names else key] = value
     return logs
 
 
@@ -66,7 +89,7 @@ def _lightning_class() -> type:
             every = self.every or trainer.log_every_n_steps
             if trainer.global_step == 0 or trainer.global_step % every or not trainer.loggers:
                 return
-            logs = collect(trainer.optimizers, self.prefix)
+            logs = collect(trainer.optimizers, self.prefix, pl_module)
             if logs and trainer.is_global_zero:
                 for logger in trainer.loggers:
                     logger.log_metrics(logs, step=trainer.global_step)
@@ -87,10 +110,10 @@ def _transformers_class() -> type:
         def __init__(self, prefix: str = "nup") -> None:
             self.prefix = prefix
 
-        def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs) -> None:
+        def on_log(self, args, state, control, logs=None, optimizer=None, model=None, **kwargs) -> None:
             if logs is None or "loss" not in logs:  # training logs only, not the eval ones
                 return
-            stats = collect(optimizer, self.prefix)
+            stats = collect(optimizer, self.prefix, model)
             logs.update(stats)
             history = state.log_history
             if history and history[-1].get("step") == state.global_step:  # the trainer appended a copy

@@ -66,6 +66,22 @@ def test_collect_unwraps_and_numbers_several_optimizers():
     assert "nup/cos/0.weight" in logs and "nup1/cos/0.weight" in logs
 
 
+def test_unnamed_tensors_are_logged_under_their_model_names():
+    model = _model()
+    opt = nup.NuP(model.parameters(), lr=0.1)  # as frameworks build it: no names
+    _backward_step(model, opt)
+    assert "nup/cos/param0" in collect(opt)
+    logs = collect(opt, model=model)
+    assert "nup/cos/0.weight" in logs and "nup/lr/2.bias" in logs and not any("param" in k for k in logs)
+
+
+def _backward_step(model, opt):
+    x, y = _data()
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
 def test_lightning_callback_logs_the_effective_lr(tmp_path):
     pl = pytest.importorskip("lightning.pytorch")
     from nup.callbacks import NuPLightningCallback
@@ -168,7 +184,7 @@ def test_transformers_trainer_logs_nup_statistics(tmp_path):
     args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=6, logging_steps=2, report_to=[],
                                           use_cpu=True, per_device_train_batch_size=16, save_strategy="no",
                                           disable_tqdm=True)
-    opt = nup.NuP(model.named_parameters(), lr=0.1, schedule=nup.make_schedule("geometry"))
+    opt = nup.NuP(model.parameters(), lr=0.1, schedule=nup.make_schedule("geometry"))  # unnamed, as HF users do
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, None))
     add_to_trainer(trainer)
     trainer.train()

@@ -23,8 +23,8 @@ def _git(cwd: Path, *args: str) -> str:
 @pytest.fixture()
 def checkout(tmp_path, monkeypatch):
     """A git checkout holding this repo's committed .gitignore, studies/ and benchmarks/results/."""
-    if shutil.which("git") is None:
-        pytest.skip("git is not installed")
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("needs git and a git checkout of this repository")
     files = _git(REPO, "ls-files", ".gitignore", "studies", "benchmarks/results").split()
     for name in files:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
