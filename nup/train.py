@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import platform
@@ -234,7 +235,8 @@ def run_training(config: TrainConfig, out_dir: str | Path, progress: bool = True
 
     ``checkpoint_every`` > 0 writes OUT/checkpoint.pt (see :mod:`nup.checkpoint`) after every that
     many steps; ``resume`` continues from it when it exists (bit for bit: metrics.jsonl and the
-    final model equal the uninterrupted run's), else starts at step 0. The checkpoint is removed
+    final model equal the uninterrupted run's), returns the summary of a run of the same config
+    that already finished, and else starts at step 0. The checkpoint is removed
     when the run finishes. ``tensorboard`` also logs every metrics.jsonl value to OUT/tensorboard.
 
     Returns the summary dict. Raises ValueError for a bad config or a checkpoint of another
@@ -249,6 +251,11 @@ def run_training(config: TrainConfig, out_dir: str | Path, progress: bool = True
     config.validate()
     if not (isinstance(checkpoint_every, int) and checkpoint_every >= 0):
         raise ValueError(f"checkpoint_every must be an integer >= 0 (0: no checkpoints), got {checkpoint_every!r}")
+    finished = Path(out_dir) / "summary.json"
+    if resume and finished.is_file() and not (Path(out_dir) / CHECKPOINT).is_file():
+        summary = json.loads(finished.read_text(encoding="utf-8"))
+        if summary.get("config") == dataclasses.asdict(config):
+            return summary  # finished already: nothing to resume
     out = _prepare_out_dir(out_dir)
     device = distributed.init_from_env(config.device)
     x_train, y_train, x_test, y_test = _load_data(config, device)

@@ -68,6 +68,17 @@ def test_resume_without_a_checkpoint_starts_at_step_0(tmp_path):
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 6
 
 
+def test_resume_of_a_finished_run_changes_nothing(tmp_path):
+    config = TrainConfig(data="teacher", depth=2, m=4, steps=4, batch_size=32)
+    first = run_training(config, tmp_path, progress=False, checkpoint_every=2)
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    assert run_training(config, tmp_path, progress=False, checkpoint_every=2, resume=True) == first
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
+    again = run_training(TrainConfig(data="teacher", depth=2, m=4, steps=5, batch_size=32), tmp_path,
+                         progress=False, resume=True)  # another config: trained afresh
+    assert again["steps_done"] == 5
+
+
 def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path, monkeypatch):
     config = dict(data="teacher", depth=2, m=4, steps=10, batch_size=32)
     with monkeypatch.context() as m:
