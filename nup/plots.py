@@ -128,7 +128,8 @@ def plot_c_norm(records: Sequence[dict], path: str | Path, names: Sequence[str] 
     steps = [r["step"] for r in records if "c_norm" in r]
     for row, label in zip(c, _layer_labels(names, c.shape[0]), strict=True):
         ax.plot(steps, row, lw=1.0, label=label)
-    ax.set_yscale("log")  # zeros (steps before a tensor first moved) are left out of the curve
+    if (c[np.isfinite(c)] > 0).any():
+        ax.set_yscale("log")  # zeros (steps before a tensor first moved) are left out of the curve
     ax.set_xlabel("step")
     ax.set_ylabel("‖C‖ = ‖P − P₀‖")
     ax.set_title(title or "cumulative update norm")
