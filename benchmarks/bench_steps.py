@@ -2,8 +2,8 @@
 
 Every case runs each provider of :data:`common.STEP_PROVIDERS` back to back, so the ratios to
 ``plain_torch`` come from one run; each provider also times pairs of (its step, a plain-torch
-step) for the paired ratio of :func:`common.paired_ratio`. ``nup_fused`` needs CUDA and skips
-elsewhere; in quick mode ``compiled_stats`` skips on CPU, where compiling takes about a minute.
+step) for the paired ratio of :func:`common.paired_ratio`. In quick mode the compiled providers
+skip on CPU, where compiling takes about a minute.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 def test_step(benchmark, step_case: common.StepCase, provider: str, bench_options: dict) -> None:
     dev = common.device()
-    if provider == "compiled_stats" and bench_options["quick"] and dev.type == "cpu":
+    if provider in common.COMPILED_PROVIDERS and bench_options["quick"] and dev.type == "cpu":
         pytest.skip("quick mode leaves out torch.compile on CPU (compiling takes about a minute)")
     try:
         step = common.build_step(provider, step_case, dev)

@@ -9,7 +9,11 @@ backward and the optimizer step. Providers (what a user would pick, side by side
   separates the model's cost from the statistics' cost.
 - ``nup_dropin``: ``NuMLP`` + :class:`nup.NuP` (statistics on); the reference foreach path on
   CPU, the multi-tensor Triton kernels on CUDA.
-- ``nup_fused``: ``NuMLP`` + ``NuP(fused=True)``, update inside the backward (CUDA only).
+- ``nup_fused``: ``NuMLP`` + ``NuP(fused=True)``, update inside the backward (Triton on CUDA, BLAS
+  and the one-loop update on CPU).
+- ``nup_dropin_compiled``: ``nup_dropin`` with ``torch.compile(opt.step, fullgraph=True)``.
+- ``adam`` and ``nup_wrapper_adam``: ``NuMLP`` + ``torch.optim.Adam(foreach=True)``, alone and as the
+  base of ``NuP(base=Adam)`` (wrapper mode), so wrapper mode is measured against its base.
 - ``unfused_stats``: the plain torch model and :func:`unfused_stats_step`, the same statistics
   written per tensor in plain PyTorch.
 - ``compiled_stats``: ``torch.compile(unfused_stats_step)``.
@@ -39,7 +43,17 @@ from nup_kernels.traffic import model_traffic
 IN_FEATURES, OUT_FEATURES = 256, 10
 LR = 1e-3
 STEP_BASELINE = "plain_torch"
-STEP_PROVIDERS = ("plain_torch", "numlp_sgd", "nup_dropin", "nup_fused", "unfused_stats", "compiled_stats")
+STEP_PROVIDERS = (
+    "plain_torch", "numlp_sgd", "nup_dropin", "nup_dropin_compiled", "nup_fused", "adam", "nup_wrapper_adam",
+    "unfused_stats", "compiled_stats",
+)  # fmt: skip
+#: provider -> the provider it is measured against besides plain torch (the targets of issue #9)
+STEP_REFERENCES = {
+    "numlp_sgd": "plain_torch", "nup_dropin": "numlp_sgd", "nup_dropin_compiled": "numlp_sgd",
+    "nup_fused": "numlp_sgd", "nup_wrapper_adam": "adam",
+}  # fmt: skip
+#: providers whose step is compiled by torch.compile (left out of the launch count and of quick CPU runs)
+COMPILED_PROVIDERS = ("nup_dropin_compiled", "compiled_stats")
 #: depth -> (m, max_width): νP widths ``m·k²``; m chosen so the models have 0.7M–3.3M parameters
 STEP_MODELS = {4: (128, None), 16: (4, None), 64: (1, 256)}
 STEP_BATCHES = (32, 256, 2048)
@@ -214,6 +228,34 @@ def _with_stats(model: nn.Module, stats_step: Callable, x, y) -> Callable[[], No
     return run
 
 
+class _CompiledStep:
+    """``zero_grad`` and ``torch.compile(opt.step, fullgraph=True)`` of an optimizer, as ``_with_optimizer`` wants."""
+
+    def __init__(self, opt: torch.optim.Optimizer) -> None:
+        self.opt, self.compiled = opt, torch.compile(opt.step, fullgraph=True)
+        self.steps = 0
+
+    def step(self) -> None:
+        (self.compiled if self.steps else self.opt.step)()  # the first step, eager, makes NuP's state
+        self.steps += 1
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.opt.zero_grad(set_to_none=set_to_none)
+
+
+def _compiled(step: Step, dev: torch.device) -> Step:
+    """Run a compiled step once (compiling it) and record the seconds that took; a failure is a skip."""
+    start = time.perf_counter()
+    try:
+        step.run()
+        synchronize(dev)
+    except Exception as err:  # any compile failure is a skip reason
+        first_line = (str(err).splitlines() or [""])[0][:200]
+        raise Unavailable(f"torch.compile failed: {type(err).__name__}: {first_line}") from err
+    step.setup_s = time.perf_counter() - start
+    return step
+
+
 def build_step(provider: str, case: StepCase, dev: torch.device) -> Step:
     """The training step of ``provider`` on ``case``; raises :class:`Unavailable` when it cannot run."""
     torch.manual_seed(0)
@@ -231,25 +273,24 @@ def build_step(provider: str, case: StepCase, dev: torch.device) -> Step:
     if provider == "nup_dropin":
         opt = NuP(numlp.named_parameters(), lr=LR)
         return Step(_with_optimizer(numlp, opt, x, y), backend, "unfused_stats", widths)
+    if provider == "nup_dropin_compiled":
+        opt = NuP(numlp.named_parameters(), lr=LR)
+        compiled = _CompiledStep(opt)
+        return _compiled(Step(_with_optimizer(numlp, compiled, x, y), "torch.compile", "unfused_stats", widths), dev)
     if provider == "nup_fused":
-        if dev.type != "cuda":
-            raise Unavailable("nup_fused needs CUDA: the fused path exists for the Triton kernels")
         opt = NuP(numlp.named_parameters(), lr=LR, fused=True)
-        path = choose_update_path(case.batch, numlp.widths[1], numlp.widths[0], torch.float32)
-        return Step(_with_optimizer(numlp, opt, x, y), "triton-fused", f"fused_{path}", widths)
+        path = choose_update_path(case.batch, numlp.widths[1], numlp.widths[0], torch.float32, dev)
+        return Step(_with_optimizer(numlp, opt, x, y), f"{backend}-fused", f"fused_{path}", widths)
+    if provider in ("adam", "nup_wrapper_adam"):
+        base = torch.optim.Adam(numlp.parameters(), lr=LR, foreach=True)
+        opt = base if provider == "adam" else NuP(numlp.named_parameters(), lr=LR, base=base)
+        return Step(_with_optimizer(numlp, opt, x, y), f"numlp-{backend}", "unfused_stats", widths)
     model = plain_mlp(numlp).to(dev)
     if provider == "unfused_stats":
         return Step(_with_stats(model, unfused_stats_step, x, y), "torch", "unfused_stats", widths)
     if provider == "compiled_stats":
         run = _with_stats(model, compiled_stats_step(), x, y)
-        start = time.perf_counter()
-        try:
-            run()  # compiles (or reuses the compilation for these shapes)
-            synchronize(dev)
-        except Exception as err:  # any compile failure is a skip reason
-            first_line = (str(err).splitlines() or [""])[0][:200]
-            raise Unavailable(f"torch.compile failed: {type(err).__name__}: {first_line}") from err
-        return Step(run, "torch.compile", "unfused_stats", widths, time.perf_counter() - start)
+        return _compiled(Step(run, "torch.compile", "unfused_stats", widths), dev)
     raise ValueError(f"unknown step provider {provider!r}; choose one of {STEP_PROVIDERS}")
 
 
@@ -259,6 +300,7 @@ def step_record(case: StepCase, provider: str, step: Step) -> dict[str, object]:
     traffic = model_traffic(widths, step.traffic_path, batch=case.batch)
     return {
         "suite": "steps", "case": case.name, "provider": provider, "baseline": STEP_BASELINE,
+        "reference": STEP_REFERENCES.get(provider),
         "impl": step.impl, "depth": case.depth, "batch": case.batch, "m": case.m, "max_width": case.max_width,
         "widths": widths, "n_params": traffic["n_params"], "traffic_path": step.traffic_path,
         "bytes": traffic["bytes"], "flops": case.flops(widths), "setup_s": round(step.setup_s, 3),

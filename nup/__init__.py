@@ -5,6 +5,7 @@ geometry-aware learning-rate schedule (:class:`GeometryAwareLR`) and the EOC sol
 """
 
 from nup.eoc import EOCPoint, correlation_map, edge_of_chaos
+from nup.graphed import graphed_step
 from nup.model import NuLinear, NuMLP, ParamMeta
 from nup.optim import NuP
 from nup.schedule import (
@@ -22,6 +23,7 @@ __all__ = [
     "EOCPoint",
     "correlation_map",
     "edge_of_chaos",
+    "graphed_step",
     "NuLinear",
     "NuMLP",
     "ParamMeta",

@@ -18,6 +18,7 @@ import csv
 import datetime
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -36,7 +37,10 @@ LABELS = {
     "plain_torch": "plain torch (SGD, no stats)",
     "numlp_sgd": "NuMLP + torch SGD",
     "nup_dropin": "nup drop-in (NuP)",
+    "nup_dropin_compiled": "nup drop-in, torch.compile(opt.step)",
     "nup_fused": "nup fused",
+    "adam": "NuMLP + torch Adam",
+    "nup_wrapper_adam": "NuP(base=Adam)",
     "unfused_stats": "unfused torch stats",
     "compiled_stats": "torch.compile stats",
     "nup": "nup (Triton on CUDA, reference on CPU)",
@@ -44,6 +48,7 @@ LABELS = {
 }
 CSV_COLUMNS = (
     "suite", "case", "provider", "impl", "median_ms", "iqr_ms", "min_ms", "rounds", "ratio_vs_torch",
+    "reference", "ratio_vs_reference",
     "paired_ratio_vs_torch", "min_ratio_vs_torch", "bytes_per_s", "tflops", "traffic_path", "device_name",
     "cores", "torch", "triton",
 )  # fmt: skip
@@ -118,6 +123,10 @@ def main(args: argparse.Namespace) -> int:
         skipped = json.loads(skips_path.read_text()) if skips_path.exists() else []
         result = summarize(raw, skipped, suite=args.suite, quick=args.quick, command=cmd[3:])
         result["code_version"] = code_version()
+        counted = [p for p in dict.fromkeys(r["provider"] for r in result["records"] if r["suite"] == "steps")
+                   if not any(r["provider"] == p and r["impl"] == "torch.compile" for r in result["records"])]
+        if counted:
+            result["launches"] = count_launches(counted)
         out = args.out or Path("runs") / "bench" / f"{machine_slug(result['machine'])}-{result['date']}"
         write_results(result, out, raw)
     print(f"nup bench: wrote {out}/results.{{json,csv,md,png}}")
@@ -170,7 +179,10 @@ def summarize(raw: dict, skipped: list[dict], suite: str, quick: bool, command: 
             **{k: machine.get(k) for k in ("device", "device_name", "cores", "torch", "triton")},
         })  # fmt: skip
     base = {(r["suite"], r["case"]): r for r in records if r["provider"] == r["baseline"]}
+    by_provider = {(r["suite"], r["case"], r["provider"]): r for r in records}
     for r in records:
+        ref = by_provider.get((r["suite"], r["case"], r.get("reference")))
+        r["ratio_vs_reference"] = r["median_ms"] / ref["median_ms"] if ref else None
         b = base.get((r["suite"], r["case"]))
         r["ratio_vs_torch"] = r["median_ms"] / b["median_ms"] if b else None
         r["min_ratio_vs_torch"] = r["min_ms"] / b["min_ms"] if b else None
@@ -181,18 +193,41 @@ def summarize(raw: dict, skipped: list[dict], suite: str, quick: bool, command: 
 
 
 def headline_lines(records: list[dict]) -> list[str]:
-    """The depth-16 step ratios (NuP with statistics, and fused where it ran) to plain torch, per batch."""
+    """The depth-16 step ratios (NuP with statistics, and fused where it ran) to plain torch, per batch,
+    and each provider's ratio to its own reference (fused and drop-in to NuMLP + SGD, wrapper to its base)."""
     heads = [
         r for r in records
         if r["suite"] == "steps" and r.get("depth") == HEADLINE_DEPTH
         and r["provider"] in ("nup_dropin", "nup_fused") and r["ratio_vs_torch"] is not None
     ]  # fmt: skip
-    return [
+    lines = [
         f"depth {HEADLINE_DEPTH}, batch {r['batch']}: {LABELS[r['provider']]} / plain torch "
         f"= {r['ratio_vs_torch']:.3f}x (medians; paired {r['paired_ratio_vs_torch']:.3f}x; "
         f"fastest rounds {r['min_ratio_vs_torch']:.3f}x)"
         for r in sorted(heads, key=lambda r: (r["batch"], r["provider"]))
     ]
+    refs = [
+        r for r in records
+        if r["suite"] == "steps" and r.get("depth") == HEADLINE_DEPTH and r.get("ratio_vs_reference") is not None
+    ]  # fmt: skip
+    lines += [
+        f"depth {HEADLINE_DEPTH}, batch {r['batch']}: {LABELS[r['provider']]} / {LABELS[r['reference']]} "
+        f"= {r['ratio_vs_reference']:.3f}x (medians)"
+        for r in sorted(refs, key=lambda r: (r["batch"], r["provider"]))
+    ]
+    return lines
+
+
+def count_launches(providers: list[str]) -> dict[str, dict[str, float]] | str:
+    """Launches per layer and per step of each provider on the CUDA code path, counted on CPU through
+    Triton's interpreter (:mod:`nup.launches`, in a subprocess); a message instead when that failed."""
+    env = {**os.environ, "NUP_BACKEND": "triton", "TRITON_INTERPRET": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "nup.launches", *providers], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    if out.returncode != 0:
+        return f"launch count failed: {(out.stderr.strip().splitlines() or ['?'])[-1][:200]}"
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def write_results(result: dict[str, Any], out: Path, raw: dict) -> None:
@@ -285,6 +320,20 @@ def markdown(result: dict[str, Any]) -> str:
         ]  # fmt: skip
         header = ["case", "provider", "impl", "traffic path", "GB/s", "TFLOP/s", "setup s", "load"]
         lines += _table(header, rate_rows)
+    launches = result.get("launches")
+    if launches:
+        lines += [
+            "", "## Launches on the CUDA code path", "",
+            "Kernel launches per step, counted on CPU through Triton's interpreter (NUP_BACKEND=triton "
+            "TRITON_INTERPRET=1; torch ops that launch a kernel plus Triton launches; nup.launches), as "
+            "(count at depth 8 − count at depth 4)/4 per layer and the rest per step. Budget of the fused "
+            "path: ≤ 6 per layer, ≤ 40 per step.", "",
+        ]  # fmt: skip
+        if isinstance(launches, str):
+            lines.append(launches)
+        else:
+            rows = [[LABELS.get(p, p), f"{v['per_layer']:.2f}", f"{v['constant']:.0f}"] for p, v in launches.items()]
+            lines += _table(["provider", "per layer", "per step (constant)"], rows)
     kernels = [r for r in records if r["suite"] == "kernels"]
     if kernels:
         by_case = defaultdict(dict)

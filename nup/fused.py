@@ -19,11 +19,12 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
+import triton
 
 from nup import step_core as core
-from nup_kernels import cpu, reference
+from nup_kernels import cpu, gram_norm, reference
 from nup_kernels.apply_update import apply_bias_update, apply_normalized_update, choose_update_path, max_programs
-from nup_kernels.backend import use_triton
+from nup_kernels.backend import interpreter_active, use_triton
 from nup_kernels.gram_norm import grad_norm_sq_gram
 from nup_kernels.linear_act import (
     activation_delta,
@@ -52,7 +53,7 @@ class FusedStep:
         self.opt_ref = weakref.ref(opt)
         self.slots = slots
         self.seen: list[int] = []
-        self.buffers: dict[str, torch.Tensor] = {}
+        self.buffers: dict[str, Any] = {}
         self.host: dict[str, list] | None = None  # CPU: this step's rates, ‖D‖ and dots as floats
         self.rates: tuple[torch.Tensor, ...] = ()  # this step's η, s_P and normalize mask, set by the first layer
 
@@ -79,17 +80,24 @@ class FusedStep:
                              "dot": [0.0] * n}  # fmt: skip
             else:
                 b = self._device_buffers(eta.numel(), device)
-                b["rates"][:, 0].copy_(torch.where(normalize, eta * scales, 0.0))
-                b["rates"][:, 1].copy_(torch.where(normalize, 0.0, eta))
+                torch.mul(eta.unsqueeze(1), self._rate_factors(scales, normalize), out=b["rates"])
         self.seen.append(index)
 
     def _device_buffers(self, n: int, device: torch.device) -> dict[str, torch.Tensor]:
         b = self.buffers
-        if not b or b["d_norm"].numel() != n or b["d_norm"].device != device:
+        if "d_norm" not in b or b["d_norm"].numel() != n or b["d_norm"].device != device:
             b["d_norm"] = torch.zeros(n, dtype=torch.float32, device=device)
             b["dot"] = torch.zeros(n, self.slots, dtype=torch.float32, device=device)
             b["rates"] = torch.zeros(n, 2, dtype=torch.float32, device=device)
         return b
+
+    def _rate_factors(self, scales: torch.Tensor, normalize: torch.Tensor) -> torch.Tensor:
+        """``[n, 2]``: ``(s_P, 0)`` for normalized tensors, ``(0, 1)`` for the others; made once per scale table."""
+        b = self.buffers
+        if b.get("factors_of") is not scales or b.get("factors_mask") is not normalize:  # held: ids stay unique
+            b["factors"] = torch.stack([torch.where(normalize, scales, 0.0), (~normalize).float()], 1)
+            b["factors_of"], b["factors_mask"] = scales, normalize
+        return self.buffers["factors"]
 
     def host_coefficient(self, i: int, d_norm: float) -> float:
         """CPU: tensor ``i``'s ``coef`` (0.0 to skip) from its ``‖D‖`` and this step's rates."""
@@ -121,8 +129,8 @@ class FusedStep:
             init = opt.cumulative == "init"
             ps = [params[i] for i in active]
             exact = core.exact_c_norm(ps, [core.cumulative_buffer(opt.state[p], p, init) for p in ps], init)
-        dot = torch.where(ok, core.pick(dot, idx), 0.0)
-        core.finish_step(g, idx, eta, ok, u, dot, core.pick(g["c_norm"], idx), exact, opt.schedule)
+        # a skipped tensor's dot is 0 already (its kernel or loop did not run)
+        core.finish_step(g, idx, eta, ok, u, core.pick(dot, idx), core.pick(g["c_norm"], idx), exact, opt.schedule)
 
 
 class _LayerUpdate:
@@ -164,16 +172,18 @@ class _LayerUpdate:
     def _update_cpu(self, layer, x, delta, c_w, c_b, init: bool) -> None:
         """BLAS: ``G/α = δᵀx`` into a reused buffer, ``‖G‖`` from the B×B Grams, then the one-loop update."""
         fused, w, alpha = self.fused, layer.weight, layer.alpha
-        d_norm = math.sqrt(max(float(reference.grad_norm_sq_gram(x, delta, alpha)), 0.0))
+        batch, (n_out, n_in) = x.shape[0], w.shape
+        if w.dtype == x.dtype == torch.float32:
+            g, scale = torch.mm(delta.t(), x, out=self.buffer("grad", (n_out, n_in), w)), alpha  # G/α
+        else:
+            g, scale = reference.linear_act_backward_dw(delta, x, alpha)[0], 1.0
+        if batch * batch * (n_in + n_out) <= n_in * n_out:  # the two B×B Grams cost less than a read of G
+            g_sq = float(reference.grad_norm_sq_gram(x, delta, alpha))
+        else:
+            g_sq = float(torch.dot(g.reshape(-1), g.reshape(-1))) * scale * scale
+        d_norm = math.sqrt(max(g_sq, 0.0))
         coef = fused.host_coefficient(self.index_w, d_norm)
-        dot = 0.0
-        if coef != 0.0:
-            if w.dtype == x.dtype == torch.float32:
-                g = torch.mm(delta.t(), x, out=self.buffer("grad", tuple(w.shape), w))  # G/α
-                dot = coef * alpha * cpu.update_and_dot(w, c_w, g, coef * alpha, init)
-            else:
-                g = reference.linear_act_backward_dw(delta, x, alpha)[0]
-                dot = coef * cpu.update_and_dot(w, c_w, g, coef, init)
+        dot = coef * scale * cpu.update_and_dot(w, c_w, g, coef * scale, init) if coef != 0.0 else 0.0
         fused.file_host(self.index_w, d_norm, dot)
         if layer.bias is not None:
             db = reference.bias_grad(delta, layer.bias_scale)
@@ -188,8 +198,11 @@ class _LayerUpdate:
         b, w, alpha = self.fused.buffers, layer.weight, layer.alpha
         out = dict(rates=b["rates"], d_norm_out=b["d_norm"], cumulative_is_init=init)
         path = choose_update_path(x.shape[0], w.shape[0], w.shape[1], w.dtype, w.device)
-        if path == "small_batch":
-            grad, g_sq = None, self._gram_partials(x, delta, alpha)
+        scale = 1.0
+        if path == "small_batch" and use_triton(x) and x.shape[0] > 0:
+            grad, g_sq, scale = None, self._gram_partials(x, delta), alpha * alpha
+        elif path == "small_batch":
+            grad, g_sq = None, grad_norm_sq_gram(x, delta, alpha).reshape(1)
         elif use_triton(x):
             grad, g_sq = linear_act_backward_dw(dy, saved, x, alpha, layer.activation)
             g_sq = g_sq.reshape(1)
@@ -198,19 +211,29 @@ class _LayerUpdate:
             g_sq = g_sq.reshape(1)
         apply_normalized_update(
             w, c_w, g_sq, self.index_w, dot_out=b["dot"][self.index_w], grad=grad, x=x, delta=delta,
-            alpha=alpha, **out,
+            alpha=alpha, g_sq_scale=scale, **out,
         )  # fmt: skip
         if layer.bias is not None:
             apply_bias_update(
                 layer.bias, c_b, delta, layer.bias_scale, self.index_b, dot_out=b["dot"][self.index_b], **out
             )
 
-    def _gram_partials(self, x: torch.Tensor, delta: torch.Tensor, alpha: float) -> torch.Tensor:
-        """``‖G‖²`` as an fp32 partials vector (here of length 1).
+    def _gram_partials(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """``‖G‖²/α²`` as fp32 per-program partials of the Gram kernel, in one launch (no sum).
 
-        Switch to ``gram_norm.grad_norm_sq_partials`` (one launch, no sum) when it is merged.
+        Switch to ``gram_norm.grad_norm_sq_partials`` when it is merged (it is this launch).
         """
-        return grad_norm_sq_gram(x, delta, alpha).reshape(1)
+        batch = x.shape[0]
+        block = gram_norm._block(batch, 16, 64)
+        n = triton.cdiv(batch, block)
+        partials = self.buffer("gram", (n * n,), x)
+        gram_norm._gram_norm_kernel[(n, n)](
+            x, delta, partials, batch, x.shape[1], delta.shape[1], x.stride(0), x.stride(1), delta.stride(0),
+            delta.stride(1), BLOCK_B=block, BLOCK_KX=gram_norm._block(x.shape[1], 16, 64),
+            BLOCK_KD=gram_norm._block(delta.shape[1], 16, 64), PREC=gram_norm.dot_precision(),
+            UPCAST=interpreter_active(), num_warps=4,
+        )  # fmt: skip
+        return partials
 
 
 class _LinearActUpdate(torch.autograd.Function):

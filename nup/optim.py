@@ -32,13 +32,13 @@ import torch
 from torch import nn
 
 from nup import step_core as core
-from nup.distributed import stat_reducer
+from nup.distributed import _local, stat_reducer
 from nup.fused import attach_fused
 from nup.scales import Overrides, check_overrides, resolve_scale, tag_layouts
 from nup.scales import default_scale as default_scale  # re-exported: nup.optim.default_scale
 from nup.schedule import ConstantSchedule, MultiplierSchedule
 from nup.step_core import GLOBAL_KEY as _GLOBAL
-from nup_kernels import multi_tensor
+from nup_kernels import cpu, multi_tensor
 from nup_kernels.backend import use_triton
 
 CUMULATIVE_MODES = ("delta", "init")
@@ -70,6 +70,11 @@ def _groups(params: Any, has_base: bool) -> list[dict[str, Any]]:
                          "pass list(model.parameters()) when a base optimizer needs them too)")
     groups = params if isinstance(params[0], dict) else [{"params": params}]
     return [{**g, "params": [g["params"]] if torch.is_tensor(g["params"]) else list(g["params"])} for g in groups]
+
+
+def _stored(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The local (DTensor) dense storage of each gradient: a sparse gradient's stored values."""
+    return [g._values() if g.is_sparse else g for g in _local(grads)]
 
 
 def _display_name(name: str) -> str:
@@ -309,40 +314,114 @@ class NuP(torch.optim.Optimizer):
         if not active:
             return loss
         act_params = [params[i] for i in active]
-        sparse = any(p.grad.is_sparse for p in act_params)
-        if sparse and not self.bases:
+        if not self.bases and any(p.grad.is_sparse for p in act_params):
             raise ValueError("NuP: a sparse gradient (an nn.Embedding(sparse=True)?) cannot be normalized in "
                              "νP-SGD mode: pass base=torch.optim.SparseAdam(...) over those tensors, or sparse=False")
-        old = [p.detach().clone() for p in act_params] if self.base is not None else None
-        bad = None
         if self.base is not None:
-            bad = self._sanitize_grads(act_params, sparse)
-            self._pass_through()
-            for base in self.bases:
-                base.step()
-            directions = torch._foreach_sub(old, act_params)  # what base moved, as a descent direction
-            for p, o in zip(act_params, old):  # per tensor: DTensor has no foreach_copy_ rule
-                p.copy_(o)
-        else:
-            directions = [p.grad for p in act_params]
+            self._wrapper_step(params, active, act_params, device)
+            return loss
         cumulatives = [self._cumulative_buffer(p) for p in act_params]
-        self._normalized_step(params, active, act_params, directions, cumulatives, device, bad)
+        directions = [p.grad for p in act_params]
+        self._normalized_step(params, active, act_params, directions, cumulatives, device)
         return loss
 
-    def _sanitize_grads(self, params: list[torch.Tensor], sparse: bool = False) -> torch.Tensor | None:
-        """Zero non-finite gradients before the base step, so the base's state stays finite.
+    def _wrapper_step(
+        self, params: list[torch.Tensor], active: list[int], act_params: list[torch.Tensor], device: torch.device
+    ) -> None:
+        """Wrapper mode: the base's step, normalized. The base steps the parameters in place from a
+        copy ``old``; the direction is ``D = old − P`` and ``P = old + coef·D``.
 
-        Returns the bool ``[k]`` mask of tensors whose gradient was not finite (their update is
-        then skipped), or None when every gradient is known to be finite. A sparse gradient is
-        checked (and zeroed) through its stored values.
+        A non-finite gradient anywhere skips the whole step, the base's included (like torch's
+        GradScaler), and counts every tensor as skipped. On CPU the base is then not called; on CUDA
+        (no host sync) a base that takes ``found_inf`` (torch's fused optimizers) skips on device,
+        and any other base steps on gradients with the non-finite entries zeroed (its state stays
+        finite) while every parameter is restored. A zero gradient is no special case: the base's
+        move is normalized; when the base does not move (SGD or Adam at step 0 without weight decay)
+        ``‖D‖ = 0`` and the tensor is left bit-identical.
         """
-        grads = [p.grad._values() if sparse and p.grad.is_sparse else p.grad for p in params]
-        finite = torch.isfinite(torch.stack(torch._foreach_norm(grads, 2)))
-        if _host_readable(finite) and bool(finite.all()):
-            return None  # every gradient is finite: no pass to make
-        for grad, f in zip(grads, finite.unbind()):
-            grad.mul_(f).nan_to_num_(0.0, 0.0, 0.0)
-        return ~finite
+        cumulatives = [self._cumulative_buffer(p) for p in act_params]
+        grads = [p.grad for p in act_params]
+        found = self._found_non_finite(grads)
+        every = torch.ones(len(act_params), dtype=torch.bool, device=device)
+        if _host_readable(found) and not torch.compiler.is_compiling():
+            if bool(found):  # skip the base too; record every tensor as skipped
+                self._normalized_step(params, active, act_params, grads, cumulatives, device, every)
+                return
+            if self.cumulative == "delta" and all(cpu.loop_ready(p, c) for p, c in zip(act_params, cumulatives)):
+                self._rebase_step(params, active, act_params, cumulatives, device)
+                return
+        for g in _stored(grads):  # the base's state stays finite (it may still step: see above)
+            g.nan_to_num_(0.0, 0.0, 0.0)
+        old = [p.detach().clone() for p in act_params]
+        self._base_step(found)
+        directions = torch._foreach_sub(old, act_params)  # what base moved, as a descent direction
+        for p, o in zip(act_params, old):  # per tensor: DTensor has no foreach_copy_ rule
+            p.copy_(o)
+        self._normalized_step(params, active, act_params, directions, cumulatives, device, every & found)
+
+    def _rebase_step(
+        self, params: list[torch.Tensor], active: list[int], act_params: list[torch.Tensor],
+        cumulatives: list[torch.Tensor], device: torch.device,
+    ) -> None:  # fmt: skip
+        """Wrapper mode on CPU, fp32: copy P into reused buffers, step the base, then per tensor
+        ``‖old − P‖`` and one loop ``P = old + coef·D``, ``C += coef·D``, ``⟨D, C⟩`` (no clone, no sub)."""
+        old = self._wrapper_scratch(act_params)
+        torch._foreach_copy_(old, [p.detach() for p in act_params])
+        self._base_step(None)
+        d_norm = torch.tensor([math.sqrt(cpu.dist_sq(o, p)) for o, p in zip(old, act_params)], dtype=torch.float32)
+        g = self._global(device)
+        idx = core.active_index(active, len(params), device)
+        eta, scales, normalize = (core.pick(v, idx) for v in self.rates(device))
+        ok, coef, u = core.coefficients(d_norm, eta, scales, normalize)
+        dots = []
+        for p, o, c, cf in zip(act_params, old, cumulatives, coef.tolist()):
+            if cf == 0.0:  # skipped: back to the old bits
+                p.detach().copy_(o)
+                dots.append(0.0)
+            else:
+                dots.append(cpu.rebase_update(p.detach(), o, c, cf))
+        self._rebase_weight_decay(act_params, old, ok, idx, device)
+        exact = None
+        if core.recompute_due(g, self.recompute_every):
+            exact = core.exact_c_norm(act_params, cumulatives, False)
+        dot = coef * torch.tensor(dots, dtype=torch.float32)
+        core.finish_step(g, idx, eta, ok, u, dot, core.pick(g["c_norm"], idx), exact, self.schedule)
+
+    def _wrapper_scratch(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Reused fp32 copies of the parameters (not optimizer state: not in the state dict)."""
+        scratch = self.__dict__.setdefault("_scratch", {})
+        out = []
+        for p in params:
+            t = scratch.get(p)
+            if t is None or t.shape != p.shape:
+                t = scratch[p] = torch.empty_like(p, memory_format=torch.contiguous_format)
+            out.append(t)
+        return out
+
+    def _base_step(self, found: torch.Tensor | None) -> None:
+        """Every base optimizer's step, after this step's ``momentum``/``betas`` reach their groups;
+        ``found`` (0-dim bool, non-finite gradients) goes to the bases that take ``found_inf``."""
+        self._pass_through()
+        for base in self.bases:
+            amp = found is not None and getattr(base, "_step_supports_amp_scaling", False)
+            if amp:
+                base.found_inf = found.float().reshape(1)
+            try:
+                base.step()
+            finally:
+                if amp:
+                    del base.found_inf
+
+    @staticmethod
+    def _found_non_finite(grads: list[torch.Tensor]) -> torch.Tensor:
+        """0-dim bool: some gradient holds NaN or Inf (on DTensor shards: on any rank)."""
+        local = _stored(grads)
+        found = ~torch.isfinite(torch.stack(torch._foreach_norm(local, 2, dtype=torch.float32))).all()
+        if any(g is not t for g, t in zip(grads, _local(grads))) and torch.distributed.is_initialized():
+            flag = found.to(torch.float32)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # every rank agrees
+            found = flag > 0
+        return found
 
     def rates(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This step's effective lr ``η = group lr · λ``, scales ``s_P`` and normalize mask, each fp32/bool ``[n]``.
@@ -364,21 +443,40 @@ class NuP(torch.optim.Optimizer):
         """Whether every tensor is normalized (from the host-side key of :meth:`_scales`' cache)."""
         return all(self._scale_cache[0][1])
 
-    def _weight_decay(self, params: list[torch.Tensor], cumulatives: list[torch.Tensor], eta: torch.Tensor,
-                      ok: torch.Tensor, idx: torch.Tensor | None, device: torch.device) -> None:
+    def _weight_decay(self, params: list[torch.Tensor], cumulatives: list[torch.Tensor], ok: torch.Tensor,
+                      idx: torch.Tensor | None, device: torch.device) -> None:
         """Decoupled decay ``P ← P·(1 − η·wd)`` of the tensors whose step is not skipped (``[k]`` vectors).
 
         With ``cumulative="init"``, ``P_0`` moves by the same amount, so ``P − P_0`` stays the sum of
         the normalized updates as in ``"delta"`` mode.
         """
-        if not any(g["weight_decay"] for g in self.param_groups):
+        shrink = self._decay(ok, idx, device)
+        if shrink is None:
             return
-        shrink = torch.where(ok, eta * core.pick(self._group_vector("weight_decay", device), idx), 0.0)
         init_mode = self.cumulative == "init"
         for p, c, s in zip(params, cumulatives, shrink.unbind()):
             if init_mode:
                 c.sub_(p * s.to(p.dtype))
             p.mul_((1.0 - s).to(p.dtype))
+
+    def _decay(self, ok: torch.Tensor, idx: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+        """``η·wd`` per active tensor (``[k]``; 0 where the step is skipped), with ``η = group lr·λ`` for
+        every tensor, vectors included; None when no group decays."""
+        if not any(g["weight_decay"] for g in self.param_groups):
+            return None
+        lam = self.schedule.multiplier(len(self._params()), device)
+        rate = self._group_lr(device) * lam * self._group_vector("weight_decay", device)
+        return torch.where(ok, core.pick(rate, idx), 0.0)
+
+    def _rebase_weight_decay(self, params: list[torch.Tensor], old: list[torch.Tensor], ok: torch.Tensor,
+                             idx: torch.Tensor | None, device: torch.device) -> None:
+        """:meth:`_weight_decay` for the CPU rebase path, after its update: ``P −= η·wd·P_t`` (``old`` = ``P_t``)."""
+        shrink = self._decay(ok, idx, device)
+        if shrink is None:
+            return
+        for p, o, s in zip(params, old, shrink.tolist()):
+            if s:
+                p.detach().sub_(o, alpha=s)
 
     def _normalized_step(
         self,
@@ -411,22 +509,27 @@ class NuP(torch.optim.Optimizer):
             d_norm = torch.where(bad, float("nan"), d_norm)
         eta, scales, normalize = (core.pick(v, idx) for v in self.rates(device))
         ok, coef, u = core.coefficients(d_norm, eta, scales, normalize)
-        self._weight_decay(act_params, cumulatives, eta, ok, idx, device)
+        self._weight_decay(act_params, cumulatives, ok, idx, device)
         if packed:
             apply(act_params, directions, cumulatives, coef)
             dc = torch.where(ok, dc, 0.0)  # a skipped tensor's ⟨D, C⟩ may be NaN
             c_norm_old, exact = c_sq.sqrt(), None
         else:
-            if _host_readable(ok) and bool(ok.all()):
-                safe = directions  # every direction is finite: nothing to mask
-            else:
-                safe = [torch.where(o, d, 0.0) for o, d in zip(ok.unbind(), directions)]
-            dc = self._dots(safe, act_params, cumulatives, init_mode)
             c_norm_old = core.pick(g["c_norm"], idx)
-            coefs = coef.unbind()
-            self._addcmul(act_params, safe, coefs)
-            if not init_mode:
-                self._addcmul(cumulatives, safe, coefs)
+            if _host_readable(ok) and not torch.compiler.is_compiling():
+                # eager CPU: coefficients are free to read; one loop per tensor updates P and C and
+                # accumulates ⟨D, C⟩ (a skipped tensor, coef = 0, is not touched)
+                dc = torch.tensor([
+                    cpu.update_and_dot(p, c, d, cf, init_mode) if cf != 0.0 else 0.0
+                    for p, c, d, cf in zip(act_params, cumulatives, directions, coef.tolist())
+                ], dtype=torch.float32)  # fmt: skip
+            else:  # no data-dependent branch: CUDA foreach, torch.compile(fullgraph=True), graph capture
+                safe = [torch.where(o, d, 0.0) for o, d in zip(ok.unbind(), directions)]
+                dc = self._dots(safe, act_params, cumulatives, init_mode)
+                coefs = coef.unbind()
+                self._addcmul(act_params, safe, coefs)
+                if not init_mode:
+                    self._addcmul(cumulatives, safe, coefs)
             exact = None
             if core.recompute_due(g, self.recompute_every):
                 exact = core.exact_c_norm(act_params, cumulatives, init_mode)
@@ -454,7 +557,10 @@ class NuP(torch.optim.Optimizer):
     # ----------------------------------------------------------------------------------------
     # statistics and checkpoints
     def stat_vectors(self) -> dict[str, Any]:
-        """This step's statistics as fp32 ``[n]`` device tensors, plus names, the multiplier and step."""
+        """This step's statistics as fp32 ``[n]`` device tensors, plus names, the multiplier and step.
+
+        The vectors are the optimizer's own buffers, updated in place by the next step: clone to keep them.
+        """
         params = self._params()
         device = params[0].device
         g = self._global(device)

@@ -29,6 +29,7 @@ def global_state(state: dict[Any, Any], n: int, device: torch.device) -> dict[st
     for key in STAT_VECTORS:
         v = g.get(key)
         if v is None or v.numel() != n or v.device != device:
+            _refuse_while_compiling()
             dtype = torch.int64 if key == "skipped" else torch.float32
             new = torch.zeros(n, dtype=dtype, device=device)
             if v is not None:
@@ -41,10 +42,21 @@ def global_state(state: dict[Any, Any], n: int, device: torch.device) -> dict[st
 def cumulative_buffer(param_state: dict[str, Any], p: torch.Tensor, init_mode: bool) -> torch.Tensor:
     """The tensor's cumulative buffer: ``C`` (zeros at first), or ``P_0`` when ``init_mode``."""
     if "cumulative" not in param_state:
+        _refuse_while_compiling()
         param_state["cumulative"] = (
             p.detach().clone() if init_mode else torch.zeros_like(p, memory_format=torch.preserve_format)
         )
     return param_state["cumulative"]
+
+
+def _refuse_while_compiling() -> None:
+    # State made inside a compiled graph can come back aliased (two zero vectors that get the same
+    # first value share one buffer), so it is made by an eager step.
+    if torch.compiler.is_compiling():
+        raise RuntimeError(
+            "NuP makes its state in the first step: run one eager opt.step() before calling "
+            "torch.compile(opt.step) (and after add_param_group)"
+        )
 
 
 def active_index(active: Sequence[int], n: int, device: torch.device) -> torch.Tensor | None:
@@ -66,7 +78,7 @@ def coefficients(
     tensor whose ``‖D‖`` is 0 or not finite gets ``coef = −0.0`` (``P + coef·0`` keeps every bit
     of P) and ``u = 0``.
     """
-    ok = torch.isfinite(d_norm) & (d_norm > 0)
+    ok = (d_norm > 0) & (d_norm < math.inf)  # False for NaN too
     step_size = torch.where(normalize, eta * scales, eta * d_norm)  # u when ok
     coef = torch.where(ok, -step_size / torch.where(ok, d_norm, 1.0), -0.0)
     return ok, coef, torch.where(ok, step_size, 0.0)
@@ -112,24 +124,32 @@ def finish_step(
     the optimizer's :class:`nup.schedule.MultiplierSchedule`.
     """
     denom = u * c_norm_old
-    cos = torch.where(denom > 0, dot / torch.where(denom > 0, denom, 1.0), 0.0).clamp(-1.0, 1.0)
-    if c_norm_exact is None:
-        c_norm_exact = (c_norm_old.square() + 2.0 * dot + u.square()).clamp_min(0.0).sqrt()
+    pos = denom > 0
+    cos = torch.where(pos, dot / torch.where(pos, denom, 1.0), 0.0).clamp(-1.0, 1.0)
+    if c_norm_exact is None:  # ‖C_t‖² + 2⟨ΔP, C_t⟩ + u², in few ops (each is a launch on CUDA)
+        c_norm_exact = torch.addcmul(torch.addcmul(2.0 * dot, c_norm_old, c_norm_old), u, u).clamp_min(0.0).sqrt()
     record(g, idx, u, cos, c_norm_exact, eta, ok)
     g["step"] += 1
+    lam = schedule.lam
     schedule.update(g["cos"], g["update_norm"])
+    if lam is not None and schedule.lam is not lam and schedule.lam.shape == lam.shape:
+        schedule.lam = lam.copy_(schedule.lam)  # in place: a captured step reads what the last one wrote
 
 
 def record(g, idx, u, cos, c_norm, eta, ok) -> None:
-    """Write this step's statistics into the ``[n]`` vectors (``idx``: the tensors that had grads)."""
+    """Write this step's statistics into the ``[n]`` vectors, in place (``idx``: the tensors that had grads).
+
+    In place, so the vectors keep their storage from step to step (CUDA-graph capture reads them).
+    """
     if idx is None:
-        g["update_norm"], g["cos"], g["c_norm"], g["lr"] = u, cos, c_norm, eta
-        g["path"] = g["path"] + u
-        g["skipped"] = g["skipped"] + (~ok).long()
+        for key, value in (("update_norm", u), ("cos", cos), ("c_norm", c_norm), ("lr", eta)):
+            g[key].copy_(value)
+        g["path"].add_(u)
+        g["skipped"].add_(~ok)
         return
-    for key, value in (("update_norm", u), ("cos", cos)):  # tensors without a gradient did not move
-        g[key] = torch.zeros_like(g[key]).index_copy_(0, idx, value)
-    for key, value in (("c_norm", c_norm), ("lr", eta)):
-        g[key] = g[key].index_copy(0, idx, value)
-    g["path"] = g["path"].index_add(0, idx, u)
-    g["skipped"] = g["skipped"].index_add(0, idx, (~ok).long())
+    for key in ("update_norm", "cos"):  # tensors without a gradient did not move
+        g[key].zero_()
+    for key, value in (("update_norm", u), ("cos", cos), ("c_norm", c_norm), ("lr", eta)):
+        g[key].index_copy_(0, idx, value)
+    g["path"].index_add_(0, idx, u)
+    g["skipped"].index_add_(0, idx, (~ok).long())

@@ -48,6 +48,26 @@ float nup_update_dot(float *restrict w, float *restrict c, const float *restrict
     }
     return acc;
 }
+/* sum of (a - b)^2 */
+float nup_dist_sq(const float *restrict a, const float *restrict b, int64_t n) {
+    float acc = 0.0f;
+    #pragma omp simd reduction(+:acc)
+    for (int64_t i = 0; i < n; ++i) { float d = a[i] - b[i]; acc += d * d; }
+    return acc;
+}
+/* wrapper mode: D = old - p (what the base moved, as a descent direction); p = old + coef*D;
+   C += coef*D; returns <D, C_old> */
+float nup_rebase_update(float *restrict p, const float *restrict old, float *restrict c, int64_t n, float coef) {
+    float acc = 0.0f;
+    #pragma omp simd reduction(+:acc)
+    for (int64_t i = 0; i < n; ++i) {
+        float o = old[i], d = o - p[i], ci = c[i], s = coef * d;
+        acc += d * ci;
+        p[i] = o + s;
+        c[i] = ci + s;
+    }
+    return acc;
+}
 """
 _CFLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off", "-shared", "-fPIC")
 
@@ -73,9 +93,13 @@ def _loop_library() -> ctypes.CDLL | None:
                 return None
             os.replace(out, lib)  # atomic: concurrent builders agree on one file
     dll = ctypes.CDLL(str(lib))
-    fn = dll.nup_update_dot
-    fn.restype = ctypes.c_float
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
+    ptr, n, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    for name, args in (
+        ("nup_update_dot", [ptr, ptr, ptr, n, f32, ctypes.c_int]),
+        ("nup_dist_sq", [ptr, ptr, n]),
+        ("nup_rebase_update", [ptr, ptr, ptr, n, f32]),
+    ):
+        getattr(dll, name).restype, getattr(dll, name).argtypes = f32, args
     return dll
 
 
@@ -90,12 +114,7 @@ def update_and_dot(
     """``W += coef·G`` and ``C += coef·G`` in place (``init``: ``C`` holds ``P_0``, left as is); return
     ``⟨G, C_old⟩`` as a float. CPU tensors of one shape; ``coef`` is a host float (never 0 here:
     the caller skips the call for a skipped tensor). fp32 contiguous tensors take the one loop."""
-    fast = (
-        weight.dtype == cumulative.dtype == grad.dtype == torch.float32
-        and weight.is_contiguous() and cumulative.is_contiguous() and grad.is_contiguous()
-        and loop_available()
-    )  # fmt: skip
-    if fast:
+    if loop_ready(weight, cumulative, grad):
         fn = _loop_library().nup_update_dot
         return fn(weight.data_ptr(), cumulative.data_ptr(), grad.data_ptr(), weight.numel(), coef, int(init))
     g = grad.float().reshape(-1)
@@ -104,6 +123,34 @@ def update_and_dot(
     weight.add_(grad.to(weight.dtype), alpha=coef)
     if not init:
         cumulative.add_(grad.to(cumulative.dtype), alpha=coef)
+    return dot
+
+
+def loop_ready(*tensors: torch.Tensor) -> bool:
+    """True when the compiled loops take these tensors (fp32, contiguous, on CPU, the loops built)."""
+    plain = all(not hasattr(t, "to_local") for t in tensors)  # DTensor shards take the sharded path
+    return plain and all(
+        t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" for t in tensors
+    ) and loop_available()
+
+
+def dist_sq(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``‖a − b‖²`` (one read of each, nothing written) as a float."""
+    if loop_ready(a, b):
+        return _loop_library().nup_dist_sq(a.data_ptr(), b.data_ptr(), a.numel())
+    return float((a.float() - b.float()).square().sum())
+
+
+def rebase_update(param: torch.Tensor, old: torch.Tensor, cumulative: torch.Tensor, coef: float) -> float:
+    """Wrapper mode, after the base stepped ``param`` from ``old``: ``D = old − param``, then
+    ``param = old + coef·D`` and ``C += coef·D`` in place; return ``⟨D, C_old⟩``. One loop for fp32."""
+    if loop_ready(param, old, cumulative):
+        fn = _loop_library().nup_rebase_update
+        return fn(param.data_ptr(), old.data_ptr(), cumulative.data_ptr(), param.numel(), coef)
+    d = old.float() - param.float()
+    dot = float(torch.dot(d.reshape(-1), cumulative.float().reshape(-1)))
+    param.copy_(old.float() + coef * d)
+    cumulative.add_(d.to(cumulative.dtype), alpha=coef)
     return dot
 
 
@@ -161,6 +208,6 @@ def output_delta(dy: torch.Tensor, y: torch.Tensor, act: Activation) -> torch.Te
     slope_pos, slope_neg = act.a + act.b, act.a - act.b
     if slope_pos == slope_neg:
         return dy if slope_pos == 1.0 else dy * slope_pos
-    if (slope_pos, slope_neg) == (1.0, 0.0):
-        return torch.where(y > 0, dy, 0.0)
+    if (slope_pos, slope_neg) == (1.0, 0.0):  # ReLU: one pass, and differentiable (for double backward)
+        return torch.ops.aten.threshold_backward(dy, y, 0)
     return dy * torch.where(y > 0, slope_pos, slope_neg)

@@ -56,6 +56,29 @@ def test_weight_decay_matches_a_hand_written_reference():
             ref[id(p)] = p.detach().clone()
 
 
+@pytest.mark.parametrize("path", ["cpu_rebase", "init", "no_host_branch"])
+def test_weight_decay_in_wrapper_mode_matches_a_hand_written_reference(path, monkeypatch):
+    """Wrapper mode, base SGD(lr=0.5): matrices P·(1 − η·wd) − η·s·g/‖g‖, vectors P·(1 − η·wd) − 0.5·g,
+    on each of the step's code paths (no_host_branch: the one CUDA and compiled steps take)."""
+    model = _mlp()
+    params = list(model.parameters())
+    lr, wd = 0.1, 0.3
+    opt = NuP(params, lr=lr, base=torch.optim.SGD(params, lr=0.5), weight_decay=wd,
+              cumulative="init" if path == "init" else "delta")
+    for step in range(3):
+        if step == 1 and path == "no_host_branch":  # after the eager first step that makes the state
+            monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        _backward(model)
+        expected = []
+        for p in params:
+            g = p.grad
+            step = -lr * math.sqrt(p.shape[0] / p.shape[1]) * g / g.norm() if p.dim() == 2 else -0.5 * g
+            expected.append(p.detach() * (1 - lr * wd) + step)
+        opt.step()
+        for p, e in zip(params, expected):
+            torch.testing.assert_close(p.detach(), e, rtol=1e-6, atol=1e-7)
+
+
 def test_weight_decay_stays_outside_the_update_geometry():
     """The normalized step keeps ‖ΔP‖ = η·s; C holds only the normalized updates, in both cumulative modes."""
     outs = {}

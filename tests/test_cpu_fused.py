@@ -1,0 +1,112 @@
+"""The fast CPU path (nup_kernels.cpu): the one-loop updates against the oracle, with and without the
+compiled loop, the α-folded layer's gradients (first and second order), and the host coefficient."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from nup import NuMLP, NuP
+from nup import step_core as core
+from nup_kernels import cpu, reference
+from nup_kernels.activations import NAMED
+
+SHAPES = [(1, 1), (1, 17), (17, 33), (33, 16)]
+
+
+@pytest.fixture(params=["1", "0"], ids=["loop", "eager"])
+def loop(request, monkeypatch):
+    monkeypatch.setenv("NUP_CPU_LOOP", request.param)
+    if request.param == "1":
+        assert cpu.loop_available(), "the C loop did not build (no C compiler?)"
+    return request.param
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("init", [False, True], ids=["C", "P0"])
+def test_update_and_dot_matches_the_oracle(loop, shape, init):
+    w, c, g = torch.randn(shape), torch.randn(shape), torch.randn(shape)
+    w_ref, c_ref = w.clone(), c.clone()
+    coef = -0.37
+    dot = cpu.update_and_dot(w, c, g, coef, init)
+    ref = reference.apply_update(w_ref, c_ref, torch.tensor(coef), grad=g, cumulative_is_init=init)
+    torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(c, c_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(coef * dot), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_dist_sq_and_rebase_update(loop, shape):
+    old, p, c = torch.randn(shape), torch.randn(shape), torch.randn(shape)
+    assert cpu.dist_sq(old, p) == pytest.approx(float((old - p).square().sum()), rel=1e-5, abs=1e-6)
+    d = old - p
+    p_ref, c_ref = old + 0.25 * d, c + 0.25 * d
+    dot = cpu.rebase_update(p, old, c, 0.25)
+    torch.testing.assert_close(p, p_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(c, c_ref, rtol=1e-6, atol=1e-6)
+    assert dot == pytest.approx(float((d * (c_ref - 0.25 * d)).sum()), rel=1e-4, abs=1e-5)
+
+
+def test_non_contiguous_and_16_bit_tensors_take_the_eager_loop():
+    w = torch.randn(8, 6).t()  # non-contiguous
+    c, g = torch.randn(6, 8), torch.randn(6, 8)
+    assert not cpu.loop_ready(w, c, g) and not cpu.loop_ready(c.bfloat16())
+    w_ref, c_ref = w.clone(), c.clone()
+    cpu.update_and_dot(w, c, g, -0.5)
+    torch.testing.assert_close(w, w_ref - 0.5 * g)
+    torch.testing.assert_close(c, c_ref - 0.5 * g)
+
+
+@pytest.mark.parametrize("name", ["relu", "tanh", "identity", "leaky_relu"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_scaled_linear_act_first_and_second_derivatives(name, bias):
+    act = NAMED[name]
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True) if bias else None
+    args = (x, w, b) if bias else (x, w)
+
+    def f(*t):
+        return cpu.ScaledLinearAct.apply(t[0], t[1], t[2] if bias else None, 0.7, 0.3, act)
+
+    ref_h = 0.7 * x @ w.t() + (0.3 * b if bias else 0)
+    torch.testing.assert_close(f(*args), act(ref_h))
+    assert torch.autograd.gradcheck(f, args)
+    assert torch.autograd.gradgradcheck(f, args)
+
+
+def test_host_coefficient_equals_the_vector_formula():
+    d = torch.tensor([0.0, float("nan"), float("inf"), 1.5, 2e-30, 3.0])
+    eta, scales = torch.full((6,), 0.1), torch.linspace(0.5, 2.0, 6)
+    for normalize in (True, False):
+        mask = torch.full((6,), normalize)
+        _, coef, _ = core.coefficients(d, eta, scales, mask)
+        host = [core.host_coefficient(float(v), 0.1, float(s), normalize) for v, s in zip(d, scales)]
+        torch.testing.assert_close(torch.tensor(host), coef, rtol=1e-6, atol=0.0)
+        assert all(h == 0.0 for h, v in zip(host, d.tolist()) if not (math.isfinite(v) and v > 0))
+
+
+@pytest.mark.parametrize("kw", [{}, {"activation": "tanh", "bias": True, "sigma_b2": 0.3}, {"activation": "gelu"}],
+                         ids=["relu", "tanh-bias", "gelu"])  # fmt: skip
+def test_cpu_fused_step_equals_drop_in(loop, kw, monkeypatch):
+    monkeypatch.delenv("NUP_BACKEND", raising=False)
+    monkeypatch.delenv("NUP_UPDATE_PATH", raising=False)
+    torch.manual_seed(0)
+    model = NuMLP(7, 3, 4, 3, **kw)
+    twin = copy.deepcopy(model)
+    a = NuP(model.named_parameters(), lr=0.1, recompute_every=3)
+    b = NuP(twin.named_parameters(), lr=0.1, recompute_every=3, fused=True)
+    g = torch.Generator().manual_seed(5)
+    for batch in (1, 17, 40, 17, 1):  # Gram norm at small batch, norm of G at large
+        x, y = torch.randn(batch, 7, generator=g), torch.randint(0, 3, (batch,), generator=g)
+        for m, opt in ((model, a), (twin, b)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=2e-5, atol=2e-6)
+    va, vb = a.stat_vectors(), b.stat_vectors()
+    for key in ("update_norm", "cos", "c_norm", "coherence", "skipped"):
+        torch.testing.assert_close(va[key], vb[key], rtol=2e-4, atol=2e-5, msg=key)
