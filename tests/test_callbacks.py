@@ -86,18 +86,6 @@ def test_lightning_callback_logs_the_effective_lr(tmp_path):
     pl = pytest.importorskip("lightning.pytorch")
     from nup.callbacks import NuPLightningCallback
 
-    class Module(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = _model()
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return nn.functional.cross_entropy(self.net(x), y)
-
-        def configure_optimizers(self):
-            return nup.NuP(self.named_parameters(), lr=0.1, schedule=nup.make_schedule("geometry"))
-
     class Capture(pl.loggers.Logger):
         name, version = "capture", 0
         rows: list = []
@@ -110,7 +98,7 @@ def test_lightning_callback_logs_the_effective_lr(tmp_path):
 
     x, y = _data()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
-    module = Module()
+    module = _lightning_module(pl)
     trainer = pl.Trainer(max_steps=8, logger=Capture(), callbacks=[NuPLightningCallback(every=2)],
                          log_every_n_steps=2, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path)
@@ -164,23 +152,26 @@ def test_lightning_resume_is_bit_exact(tmp_path):
         assert torch.equal(p, q)
 
 
+class HFModel(nn.Module):
+    """What transformers.Trainer trains: ``forward(**batch)`` returns the loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = _model()
+
+    def forward(self, x, labels=None):
+        logits = self.net(x)
+        return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
 def test_transformers_trainer_logs_nup_statistics(tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     from nup.callbacks import add_to_trainer
 
-    class Model(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = _model()
-
-        def forward(self, x, labels=None):
-            logits = self.net(x)
-            return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
-
     x, y = _data()
     data = [{"x": a, "labels": b} for a, b in zip(x, y)]
-    model = Model()
+    model = HFModel()
     args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=6, logging_steps=2, report_to=[],
                                           use_cpu=True, per_device_train_batch_size=16, save_strategy="no",
                                           disable_tqdm=True)
@@ -245,21 +236,12 @@ def test_nup_train_tensorboard_logs_every_metric(tmp_path):
 def test_transformers_optimizer_cls_and_kwargs_keeps_weight_decay(tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-
-    class Model(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = _model()
-
-        def forward(self, x, labels=None):
-            return {"loss": nn.functional.cross_entropy(self.net(x), labels)}
-
     x, y = _data()
     args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2, report_to=[], use_cpu=True,
                                           per_device_train_batch_size=16, save_strategy="no", disable_tqdm=True,
                                           weight_decay=0.1)
     data = [{"x": a, "labels": b} for a, b in zip(x, y)]
-    trainer = transformers.Trainer(model=Model(), args=args, train_dataset=data,
+    trainer = transformers.Trainer(model=HFModel(), args=args, train_dataset=data,
                                    optimizer_cls_and_kwargs=(nup.NuP, {"lr": 0.1}))
     trainer.train()
     opt = nup_optimizers(trainer.optimizer)[0]
