@@ -5,8 +5,10 @@ reference implementation on CPU) and ``steps`` (full training steps of νP MLPs 
 plain PyTorch SGD, NuP with statistics, the unfused statistics step, its torch.compile, and
 the fused path on CUDA). The suites run under pytest-benchmark (the ``dev`` extra) in a
 subprocess; every ratio divides by the plain-PyTorch median of the same run. Results go to
-``benchmarks/results/<machine>-<date>/`` unless ``--out`` says otherwise. ``--quick`` runs tiny
-shapes with few rounds, to check that everything works.
+``runs/bench/<machine>-<date>/`` (relative to the working directory) unless ``--out`` says
+otherwise; the committed results under ``benchmarks/results/`` change only when ``--out`` names
+them. ``--quick`` runs tiny shapes with few rounds, to check that everything works, and its
+outputs say so in their titles.
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out",
         type=Path,
         default=None,
-        help="output directory (default: benchmarks/results/<machine>-<date>)",
+        help="output directory (default: runs/bench/<machine>-<date>; the committed results in "
+        "benchmarks/results/ are written only when --out names them)",
     )
     parser.add_argument(
         "--depths", default="", help="comma-separated depths of the step suite (default: all)"
@@ -124,7 +127,7 @@ def main(args: argparse.Namespace) -> int:
                    if not any(r["provider"] == p and r["impl"] == "torch.compile" for r in result["records"])]
         if counted:
             result["launches"] = count_launches(counted)
-        out = args.out or bench_dir / "results" / f"{machine_slug(result['machine'])}-{result['date']}"
+        out = args.out or Path("runs") / "bench" / f"{machine_slug(result['machine'])}-{result['date']}"
         write_results(result, out, raw)
     print(f"nup bench: wrote {out}/results.{{json,csv,md,png}}")
     for line in headline_lines(result["records"]):
@@ -237,7 +240,8 @@ def write_results(result: dict[str, Any], out: Path, raw: dict) -> None:
         writer.writeheader()
         writer.writerows(result["records"])
     (out / "results.md").write_text(markdown(result))
-    plot_ratios(result["records"], out / "results.png", STEP_TARGETS.get(result["machine"].get("device")))
+    plot_ratios(result["records"], out / "results.png", STEP_TARGETS.get(result["machine"].get("device")),
+                quick=result["quick"])
 
 
 def _ms(r: dict | None) -> str:
@@ -264,7 +268,8 @@ def markdown(result: dict[str, Any]) -> str:
     load = m.get("load_avg")
     loads = [r["load_avg_1m"] for r in records if r.get("load_avg_1m") is not None]
     lines = [
-        f"# nup benchmarks: {m.get('device_name')} ({m.get('cores')} cores)",
+        f"# nup benchmarks: {m.get('device_name')} ({m.get('cores')} cores)"
+        + (" — quick mode, not a measurement" if result["quick"] else ""),
         "",
         f"torch {m.get('torch')}, triton {m.get('triton')}, python {m.get('python')}, torch threads "
         f"{m.get('torch_threads')}; {result['created']}; code {result.get('code_version')}; "
@@ -367,9 +372,9 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_ratios(records: list[dict], path: Path, step_target: float | None = None) -> None:
+def plot_ratios(records: list[dict], path: Path, step_target: float | None = None, quick: bool = False) -> None:
     """Grouped bars of each provider's ratio to plain torch, one panel per suite, with the 1.0 line
-    (and the step target line)."""
+    (and the step target line); ``quick`` marks every title as quick mode."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -396,7 +401,8 @@ def plot_ratios(records: list[dict], path: Path, step_target: float | None = Non
         else:
             ax.set_ylim(0, 1.25 * max([*ratio.values(), step_target or 1.0]))
         ax.set_ylabel("time / plain torch")
-        ax.set_title(f"{suite}: ratio to plain torch (same run; lower is better)")
+        ax.set_title(f"{suite}: ratio to plain torch (same run; lower is better)"
+                     + (" — QUICK MODE, not a measurement" if quick else ""))
         ax.legend(fontsize=8, loc="upper center", ncol=len(providers) + 1)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

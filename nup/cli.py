@@ -22,9 +22,12 @@ class CLIError(Exception):
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The ``nup`` parser; only ``command``'s module is imported (the others stay unloaded)."""
+    from nup import __version__
+
     parser = argparse.ArgumentParser(
         prog="nup", description="νP: deep MLPs at the Edge of Chaos, with update geometry."
     )
+    parser.add_argument("--version", action="version", version=f"nup {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         if name != command:

@@ -93,19 +93,25 @@ def teacher_student(
 
 
 def batches(
-    x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator
+    x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator, skip: int = 0
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless minibatches ``(x[idx], y[idx])``, each epoch a fresh permutation without replacement.
 
     ``generator`` is a CPU generator; the sequence depends only on its seed. Every batch has
-    ``min(batch_size, n)`` rows: an epoch's last incomplete batch is dropped.
+    ``min(batch_size, n)`` rows: an epoch's last incomplete batch is dropped. ``skip`` starts at
+    batch ``skip`` of that sequence (a resumed run's data order), drawing only the permutations.
     """
     n = x.shape[0]
     if batch_size < 1 or n < 1:
         raise ValueError(f"batches: need batch_size >= 1 and a non-empty data set, got {batch_size}, n={n}")
     size = min(batch_size, n)
+    per_epoch = n // size
+    for _ in range(skip // per_epoch):
+        torch.randperm(n, generator=generator)
+    first = skip % per_epoch
     while True:
         perm = torch.randperm(n, generator=generator).to(x.device)
-        for start in range(0, n - size + 1, size):
+        for start in range(first * size, n - size + 1, size):
             idx = perm[start:start + size]
             yield x[idx], y[idx]
+        first = 0

@@ -19,12 +19,11 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
-import triton
 
 from nup import step_core as core
 from nup_kernels import cpu, gram_norm, reference
 from nup_kernels.apply_update import apply_bias_update, apply_normalized_update, choose_update_path, max_programs
-from nup_kernels.backend import interpreter_active, use_triton
+from nup_kernels.backend import interpreter_active, triton, use_triton
 from nup_kernels.gram_norm import grad_norm_sq_gram
 from nup_kernels.linear_act import (
     activation_delta,

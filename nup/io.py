@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -16,14 +17,14 @@ _UMASK = os.umask(0)  # read once at import (setting it is process-wide, so neve
 os.umask(_UMASK)
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically: temp file + fsync + ``os.replace``."""
+def write_atomic(path: str | Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """Call ``write(binary file)`` on a temp file next to ``path``, fsync it and ``os.replace`` it over ``path``."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual mode
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -33,6 +34,11 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically: temp file + fsync + ``os.replace``."""
+    write_atomic(path, lambda fh: fh.write(str.encode(text, "utf-8")))  # TypeError for non-str text
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

@@ -6,20 +6,36 @@ every tensor and step NuP keeps, on device and without host syncs: the update no
 the cosine between ``ΔP_t`` and the cumulative update ``C_t = P_t − P_0``, ``‖C‖`` (through
 ``‖C_{t+1}‖² = ‖C_t‖² + 2⟨ΔP_t, C_t⟩ + u_t²``, recomputed every ``recompute_every`` steps),
 the coherence ``‖C‖/Σu``, the effective lr and a count of skipped steps.
+
+Which tensors are normalized, at what scale ``s_P`` (:mod:`nup.scales`), and how the others move:
+
+- tensors with NuMLP metadata, and every tensor with 2+ dimensions: normalized, at the scale of
+  the metadata, a ``scales=`` override, or the layout rule of :mod:`nup.scales`;
+- other tensors (biases, norm weights) unless ``normalize_vectors``: in νP-SGD mode a plain
+  ``−η·g`` step; in wrapper mode **the base's own step** ``D``, times ``(group lr / lr_ref)·λ``
+  (``lr_ref``: the group's lr when it was added), so that they train at the base's rate and every
+  lr schedule still applies to them as a ratio. Their ``lr`` statistic is that multiplier.
+
+``weight_decay`` (per group) is decoupled, as in AdamW: ``P ← P·(1 − η·wd)`` with the effective
+``η = group lr·λ``, applied before the normalized step and outside the normalized direction, and
+skipped with it. The cumulative update ``C`` (and so cos and ‖C‖) holds the normalized updates only.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 from nup import step_core as core
 from nup.distributed import _local, stat_reducer
 from nup.fused import attach_fused
+from nup.scales import Overrides, check_overrides, resolve_scale, tag_layouts
+from nup.scales import default_scale as default_scale  # re-exported: nup.optim.default_scale
 from nup.schedule import ConstantSchedule, MultiplierSchedule
 from nup.step_core import GLOBAL_KEY as _GLOBAL
 from nup_kernels import cpu, multi_tensor
@@ -27,6 +43,7 @@ from nup_kernels.backend import use_triton
 
 CUMULATIVE_MODES = ("delta", "init")
 STAT_KEYS = ("update_norm", "cos", "c_norm", "coherence", "lr", "skipped")
+PASS_THROUGH = ("momentum", "betas")  # group keys copied to the base's groups before every base step
 
 
 def _host_readable(t: torch.Tensor) -> bool:
@@ -34,45 +51,71 @@ def _host_readable(t: torch.Tensor) -> bool:
     return t.device.type == "cpu"
 
 
-def default_scale(p: torch.Tensor) -> float:
-    """``s_P`` for a tensor without NuMLP metadata: ``√(fan_out/fan_in)`` for matrices, 1 for vectors."""
-    if p.dim() >= 2:
-        return math.sqrt(p.shape[0] / (p.numel() // p.shape[0]))
-    return 1.0
+def _groups(params: Any, has_base: bool) -> list[dict[str, Any]]:
+    """Tensors, ``(name, tensor)`` pairs, group dicts or an ``nn.Module`` as torch-style groups.
 
-
-def _split_names(params: Any) -> tuple[list[Any], list[str | None]]:
-    """Accept tensors, ``(name, tensor)`` pairs or group dicts; return torch-style groups and names."""
+    Names stay as torch keeps them (``group['param_names']``). A module's parameters come named,
+    with their layouts recorded for :mod:`nup.scales`; without a base, a module that makes sparse
+    gradients is refused here.
+    """
+    if isinstance(params, nn.Module):
+        sparse = [n for n, m in params.named_modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
+        if sparse and not has_base:
+            raise ValueError(f"NuP: {sparse[0]!r} makes sparse gradients; νP-SGD cannot normalize them: pass "
+                             "base=torch.optim.SparseAdam(...) over its parameters, or use sparse=False")
+        params = tag_layouts(params).named_parameters()
     params = list(params)
     if not params:
-        raise ValueError("NuP got an empty parameter list")
+        raise ValueError("NuP got an empty parameter list (a generator of parameters can be used only once: "
+                         "pass list(model.parameters()) when a base optimizer needs them too)")
     groups = params if isinstance(params[0], dict) else [{"params": params}]
-    names: list[str | None] = []
-    out = []
-    for group in groups:
-        group = dict(group)
-        plist = list(group["params"]) if not torch.is_tensor(group["params"]) else [group["params"]]
-        tensors = []
-        for item in plist:
-            if isinstance(item, tuple):
-                names.append(item[0])
-                tensors.append(item[1])
-            else:
-                names.append(None)
-                tensors.append(item)
-        group["params"] = tensors
-        out.append(group)
-    return out, names
+    return [{**g, "params": [g["params"]] if torch.is_tensor(g["params"]) else list(g["params"])} for g in groups]
+
+
+def _stored(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The local (DTensor) dense storage of each gradient: a sparse gradient's stored values."""
+    return [g._values() if g.is_sparse else g for g in _local(grads)]
+
+
+def _display_name(name: str) -> str:
+    """A parameter name without the ``_orig_mod.`` that ``torch.compile`` puts in its modules' names."""
+    return name.replace("_orig_mod.", "")
+
+
+def _check_lr(lr: Any) -> float | torch.Tensor:
+    if torch.is_tensor(lr):
+        if lr.numel() != 1 or not bool(torch.isfinite(lr).all()) or float(lr) < 0:
+            raise ValueError(f"a tensor lr must hold one finite number >= 0, got {lr!r}")
+        return lr
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"lr must be a finite number >= 0 (or a one-element tensor), got {lr!r}")
+    return float(lr)
+
+
+def _describe(obj: Any) -> str:
+    """``Name(key=value, ...)`` from an object's public number and string attributes."""
+    fields = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in vars(obj).items()
+                       if not k.startswith("_") and isinstance(v, (int, float, str)) and not isinstance(v, bool))
+    return f"{type(obj).__name__}({fields})"
 
 
 class NuP(torch.optim.Optimizer):
     """Normalized-update optimizer with update geometry. A real ``torch.optim.Optimizer``.
 
     Args:
-        params: tensors, ``model.named_parameters()`` (names key :meth:`stats`), or groups.
-        lr: base rate ``η``; ``group['lr']`` stays the user's (torch LR schedulers compose).
+        params: tensors, ``model.named_parameters()`` (names key :meth:`stats`; torch keeps them in
+            ``group['param_names']``, so they survive ``add_param_group`` and the state dict), groups,
+            or the model itself (named, and :mod:`nup.scales` reads its layers' layouts).
+        lr: base rate ``η`` (a float or a one-element tensor); ``group['lr']`` stays the user's
+            (torch LR schedulers compose).
         base: None (direction = gradient), or a torch optimizer over the same parameters whose
-            step gives the direction; its state is never written by NuP.
+            step gives the direction, or several (e.g. SparseAdam for the embeddings and AdamW for
+            the rest), each over its own parameters; their state is never written by NuP.
+            ``momentum``/``betas`` of NuP's groups are copied to the base's groups before each
+            base step, so cyclic schedulers (OneCycleLR) drive the base through NuP.
+        weight_decay: decoupled decay per group (see the module docstring).
+        scales: per-tensor ``s_P`` overrides: ``{name or fnmatch pattern: s}``, or a rule
+            ``(name, tensor, layout) -> s | None`` (see :mod:`nup.scales`); :meth:`scales` reads them.
         schedule: a :class:`nup.schedule.MultiplierSchedule` (default constant ``λ = 1``).
         cumulative: ``"delta"`` stores ``C`` per tensor; ``"init"`` stores ``P_0`` (fp32 only).
         foreach: use foreach kernels on the reference path (default: yes).
@@ -80,14 +123,17 @@ class NuP(torch.optim.Optimizer):
         recompute_every: recompute ``‖C‖`` exactly every this many steps.
         scale: per-group override of ``s_P`` for every tensor in the group.
         normalize_vectors: normalize 1-D tensors without metadata too (default: plain
-            ``−η·D`` steps for them).
+            ``−η·g`` steps in νP-SGD mode, the base's step in wrapper mode).
+
+    Groups also take ``momentum`` (0 without a base: recorded for schedulers, unused) or the base's
+    ``betas``. Sparse gradients need a base that takes them (SparseAdam); νP-SGD refuses them.
     """
 
     def __init__(
         self,
-        params: Iterable[Any],
-        lr: float,
-        base: torch.optim.Optimizer | None = None,
+        params: Iterable[Any] | nn.Module,
+        lr: float | torch.Tensor,
+        base: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
         schedule: MultiplierSchedule | None = None,
         cumulative: str = "delta",
         foreach: bool | None = None,
@@ -95,27 +141,35 @@ class NuP(torch.optim.Optimizer):
         recompute_every: int = 100,
         scale: float | None = None,
         normalize_vectors: bool = False,
+        weight_decay: float = 0.0,
+        scales: Overrides | None = None,
     ) -> None:
-        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
-            raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+        lr = _check_lr(lr)
+        if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
         if cumulative not in CUMULATIVE_MODES:
             raise ValueError(f"cumulative must be one of {CUMULATIVE_MODES}, got {cumulative!r}")
         if recompute_every < 1:
             raise ValueError(f"recompute_every must be >= 1, got {recompute_every}")
-        groups, names = _split_names(params)
-        defaults = dict(lr=float(lr), scale=scale, normalize_vectors=normalize_vectors)
+        groups = _groups(params, base is not None)
+        bases = [] if base is None else [base] if isinstance(base, torch.optim.Optimizer) else list(base)
+        momentum = {k: v for b in bases for k, v in b.defaults.items() if k in PASS_THROUGH}
+        defaults = dict(lr=lr, scale=scale, normalize_vectors=normalize_vectors, weight_decay=float(weight_decay),
+                        **(momentum if bases else {"momentum": 0.0}))
+        self._scale_overrides = scales
         super().__init__(groups, defaults)
-        self._names = [n if n is not None else f"param{i}" for i, n in enumerate(names)]
+        self.bases: list[torch.optim.Optimizer] = bases
         self.base = base
         self.schedule = schedule if schedule is not None else ConstantSchedule()
         self.cumulative = cumulative
         self.foreach = True if foreach is None else foreach
         self.recompute_every = recompute_every
         self.fused = fused
-        if base is not None:
-            base_ids = {id(p) for g in base.param_groups for p in g["params"]}
-            if base_ids != {id(p) for p in self._params()}:
-                raise ValueError("base must be built on exactly the same parameters as NuP")
+        if self.bases:
+            self._check_bases()
+        check_overrides(scales, self.param_names)
+        if fused and any(g["weight_decay"] for g in self.param_groups):
+            raise ValueError("weight_decay needs fused=False (the fused step applies updates inside backward)")
         for p in self._params():
             if cumulative == "init" and p.dtype != torch.float32:
                 raise ValueError("cumulative='init' stores P_0 and needs fp32 parameters (W − P_0 cancels in 16-bit)")
@@ -128,8 +182,69 @@ class NuP(torch.optim.Optimizer):
 
     @property
     def param_names(self) -> list[str]:
-        n = len(self._params())
-        return self._names[:n] + [f"param{i}" for i in range(len(self._names), n)]
+        """One name per tensor, in group order: torch's ``param_names`` (without ``_orig_mod.``), else ``param{i}``."""
+        names, i = [], 0
+        for g in self.param_groups:
+            given = g.get("param_names")
+            names += [_display_name(n) for n in given] if given else [f"param{i + j}" for j in range(len(g["params"]))]
+            i += len(g["params"])
+        return names
+
+    def _check_bases(self) -> None:
+        seen: dict[int, int] = {}
+        for b in self.bases:
+            for g in b.param_groups:
+                for p in g["params"]:
+                    if id(p) in seen:
+                        raise ValueError("each base optimizer must hold its own parameters; one tensor is in two")
+                    seen[id(p)] = 1
+        if set(seen) != {id(p) for p in self._params()}:
+            raise ValueError("base must be built on exactly the same parameters as NuP (with several bases: "
+                             "together; build them on list(model.parameters()), not on a consumed generator)")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group`` (names included); in wrapper mode the new tensors join the base too.
+
+        Tensors the base does not hold yet are added to it as one group (with this group's
+        ``momentum``/``betas``); with several bases, add them to the right base first.
+        """
+        param_group = dict(param_group)
+        items = param_group["params"]
+        param_group["params"] = [items] if torch.is_tensor(items) else list(items)
+        param_group.setdefault("lr_ref", float(param_group.get("lr", self.defaults["lr"])))
+        bases = getattr(self, "bases", None)  # None while torch's __init__ adds the first groups
+        if bases:
+            held = {id(p) for b in bases for g in b.param_groups for p in g["params"]}
+            tensors = [item[1] if isinstance(item, tuple) else item for item in param_group["params"]]
+            new = [p for p in tensors if id(p) not in held]
+            if new and len(bases) > 1:
+                raise ValueError("NuP has several bases: add the new tensors to the right one first "
+                                 "(base.add_param_group), then to NuP")
+            if new:
+                bases[0].add_param_group({"params": new, **{k: param_group[k] for k in PASS_THROUGH
+                                                            if k in param_group}})
+        super().add_param_group(param_group)
+        if bases:
+            self._base_targets = None
+
+    def _pass_through(self) -> None:
+        """Copy each group's ``momentum``/``betas`` to the base groups holding its tensors."""
+        targets = getattr(self, "_base_targets", None)
+        if targets is None or len(targets) != len(self.param_groups):
+            where = {id(p): bg for b in self.bases for bg in b.param_groups for p in bg["params"]}
+            targets = [list({id(where[id(p)]): where[id(p)] for p in g["params"]}.values()) for g in self.param_groups]
+            self._base_targets = targets
+        for group, base_groups in zip(self.param_groups, targets):
+            for key in PASS_THROUGH:
+                if key in group:
+                    for bg in base_groups:
+                        if key in bg:
+                            bg[key] = group[key]
+
+    def scales(self) -> dict[str, float | None]:
+        """``{name: s_P}`` as applied to each tensor; None for a tensor that is not normalized (see the module doc)."""
+        scales, normalize = self._scales(torch.device("cpu"))
+        return {n: float(s) if z else None for n, s, z in zip(self.param_names, scales.tolist(), normalize.tolist())}
 
     def _global(self, device: torch.device) -> dict[str, Any]:
         return core.global_state(self.state, len(self._params()), device)
@@ -138,33 +253,46 @@ class NuP(torch.optim.Optimizer):
         return core.cumulative_buffer(self.state[p], p, self.cumulative == "init")
 
     def _scales(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-tensor ``s_P`` and a normalize mask, cached until the groups' settings change."""
-        key, scales, normalize = [], [], []
-        for g in self.param_groups:
-            for p in g["params"]:
-                meta = getattr(p, "_nup_meta", None)
-                s = g["scale"] if g["scale"] is not None else meta.scale if meta is not None else default_scale(p)
-                norm = meta is not None or p.dim() >= 2 or g["normalize_vectors"] or g["scale"] is not None
-                scales.append(float(s))
-                normalize.append(norm)
-        key = (tuple(scales), tuple(normalize), device)
+        """Per-tensor ``s_P`` and a normalize mask, cached until the groups or their settings change."""
+        signature = (tuple((id(g["params"]), len(g["params"]), g["scale"], g["normalize_vectors"])
+                           for g in self.param_groups), device)
         cached = getattr(self, "_scale_cache", None)
-        if cached is None or cached[0] != key:
+        if cached is None or cached[2] != signature:
+            scales, normalize = [], []
+            names = iter(self.param_names)
+            for g in self.param_groups:
+                for p in g["params"]:
+                    name, meta = next(names), getattr(p, "_nup_meta", None)
+                    s = g["scale"] if g["scale"] is not None else resolve_scale(name, p, self._scale_overrides)
+                    scales.append(float(s))
+                    forced = g["normalize_vectors"] or g["scale"] is not None
+                    normalize.append(meta is not None or p.dim() >= 2 or forced)
             self._scale_cache = (
-                key,
-                torch.tensor(scales, dtype=torch.float32, device=device),
-                torch.tensor(normalize, dtype=torch.bool, device=device),
+                (tuple(scales), tuple(normalize)),
+                (torch.tensor(scales, dtype=torch.float32, device=device),
+                 torch.tensor(normalize, dtype=torch.bool, device=device)),
+                signature,
             )
-        return self._scale_cache[1], self._scale_cache[2]
+        return self._scale_cache[1]
 
     def _group_lr(self, device: torch.device) -> torch.Tensor:
-        """``group['lr']`` per tensor, fp32 ``[n]``; rebuilt only when a group's lr changes."""
-        key = (tuple((float(g["lr"]), len(g["params"])) for g in self.param_groups), device)
-        cached = getattr(self, "_lr_cache", None)
-        if cached is None or cached[0] != key:
-            parts = [torch.full((count,), lr, device=device) for lr, count in key[0]]
-            self._lr_cache = (key, torch.cat(parts))
-        return self._lr_cache[1]
+        """``group['lr']`` per tensor, fp32 ``[n]``."""
+        return self._group_vector("lr", device)
+
+    def _group_vector(self, key: str, device: torch.device) -> torch.Tensor:
+        """``group[key]`` per tensor, fp32 ``[n]``; floats are cached until they change, tensors (a tensor
+        lr) are read on device every time, without a sync."""
+        values = [g[key] for g in self.param_groups]
+        counts = [len(g["params"]) for g in self.param_groups]
+        if any(torch.is_tensor(v) for v in values):
+            return torch.cat([torch.as_tensor(v, dtype=torch.float32, device=device).reshape(1).expand(c)
+                              for v, c in zip(values, counts)])
+        cache = self.__dict__.setdefault("_vector_cache", {})
+        signature = (tuple(map(float, values)), tuple(counts), device)
+        if key not in cache or cache[key][0] != signature:
+            parts = [torch.full((c,), float(v), device=device) for v, c in zip(values, counts)]
+            cache[key] = (signature, torch.cat(parts))
+        return cache[key][1]
 
     # ----------------------------------------------------------------------------------------
     # the step
@@ -186,6 +314,9 @@ class NuP(torch.optim.Optimizer):
         if not active:
             return loss
         act_params = [params[i] for i in active]
+        if not self.bases and any(p.grad.is_sparse for p in act_params):
+            raise ValueError("NuP: a sparse gradient (an nn.Embedding(sparse=True)?) cannot be normalized in "
+                             "νP-SGD mode: pass base=torch.optim.SparseAdam(...) over those tensors, or sparse=False")
         if self.base is not None:
             self._wrapper_step(params, active, act_params, device)
             return loss
@@ -219,17 +350,10 @@ class NuP(torch.optim.Optimizer):
             if self.cumulative == "delta" and all(cpu.loop_ready(p, c) for p, c in zip(act_params, cumulatives)):
                 self._rebase_step(params, active, act_params, cumulatives, device)
                 return
-        for g in _local(grads):  # the base's state stays finite (it may still step: see above)
+        for g in _stored(grads):  # the base's state stays finite (it may still step: see above)
             g.nan_to_num_(0.0, 0.0, 0.0)
         old = [p.detach().clone() for p in act_params]
-        amp = getattr(self.base, "_step_supports_amp_scaling", False)
-        if amp:
-            self.base.found_inf = found.float().reshape(1)
-        try:
-            self.base.step()
-        finally:
-            if amp:
-                del self.base.found_inf
+        self._base_step(found)
         directions = torch._foreach_sub(old, act_params)  # what base moved, as a descent direction
         for p, o in zip(act_params, old):  # per tensor: DTensor has no foreach_copy_ rule
             p.copy_(o)
@@ -243,7 +367,7 @@ class NuP(torch.optim.Optimizer):
         ``‖old − P‖`` and one loop ``P = old + coef·D``, ``C += coef·D``, ``⟨D, C⟩`` (no clone, no sub)."""
         old = self._wrapper_scratch(act_params)
         torch._foreach_copy_(old, [p.detach() for p in act_params])
-        self.base.step()
+        self._base_step(None)
         d_norm = torch.tensor([math.sqrt(cpu.dist_sq(o, p)) for o, p in zip(old, act_params)], dtype=torch.float32)
         g = self._global(device)
         idx = core.active_index(active, len(params), device)
@@ -256,6 +380,7 @@ class NuP(torch.optim.Optimizer):
                 dots.append(0.0)
             else:
                 dots.append(cpu.rebase_update(p.detach(), o, c, cf))
+        self._rebase_weight_decay(act_params, old, ok, idx, device)
         exact = None
         if core.recompute_due(g, self.recompute_every):
             exact = core.exact_c_norm(act_params, cumulatives, False)
@@ -273,22 +398,85 @@ class NuP(torch.optim.Optimizer):
             out.append(t)
         return out
 
+    def _base_step(self, found: torch.Tensor | None) -> None:
+        """Every base optimizer's step, after this step's ``momentum``/``betas`` reach their groups;
+        ``found`` (0-dim bool, non-finite gradients) goes to the bases that take ``found_inf``."""
+        self._pass_through()
+        for base in self.bases:
+            amp = found is not None and getattr(base, "_step_supports_amp_scaling", False)
+            if amp:
+                base.found_inf = found.float().reshape(1)
+            try:
+                base.step()
+            finally:
+                if amp:
+                    del base.found_inf
+
     @staticmethod
     def _found_non_finite(grads: list[torch.Tensor]) -> torch.Tensor:
         """0-dim bool: some gradient holds NaN or Inf (on DTensor shards: on any rank)."""
-        local = _local(grads)
+        local = _stored(grads)
         found = ~torch.isfinite(torch.stack(torch._foreach_norm(local, 2, dtype=torch.float32))).all()
-        if any(g is not t for g, t in zip(grads, local)) and torch.distributed.is_initialized():
+        if any(g is not t for g, t in zip(grads, _local(grads))) and torch.distributed.is_initialized():
             flag = found.to(torch.float32)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # every rank agrees
             found = flag > 0
         return found
 
     def rates(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This step's effective lr ``η = group lr · λ``, scales ``s_P`` and normalize mask, each fp32/bool ``[n]``."""
+        """This step's effective lr ``η = group lr · λ``, scales ``s_P`` and normalize mask, each fp32/bool ``[n]``.
+
+        In wrapper mode a tensor that is not normalized gets ``(group lr / lr_ref)·λ``: a multiplier
+        on the base's own step (see the module docstring).
+        """
         n = len(self._params())
         scales, normalize = self._scales(device)
-        return self._group_lr(device) * self.schedule.multiplier(n, device), scales, normalize
+        lam = self.schedule.multiplier(n, device)
+        eta = self._group_lr(device) * lam
+        if self.bases and not self._all_normalized():
+            ref = self._group_vector("lr_ref", device)
+            ratio = torch.where(ref > 0, self._group_lr(device) / torch.where(ref > 0, ref, 1.0), 0.0)
+            eta = torch.where(normalize, eta, ratio * lam)
+        return eta, scales, normalize
+
+    def _all_normalized(self) -> bool:
+        """Whether every tensor is normalized (from the host-side key of :meth:`_scales`' cache)."""
+        return all(self._scale_cache[0][1])
+
+    def _weight_decay(self, params: list[torch.Tensor], cumulatives: list[torch.Tensor], ok: torch.Tensor,
+                      idx: torch.Tensor | None, device: torch.device) -> None:
+        """Decoupled decay ``P ← P·(1 − η·wd)`` of the tensors whose step is not skipped (``[k]`` vectors).
+
+        With ``cumulative="init"``, ``P_0`` moves by the same amount, so ``P − P_0`` stays the sum of
+        the normalized updates as in ``"delta"`` mode.
+        """
+        shrink = self._decay(ok, idx, device)
+        if shrink is None:
+            return
+        init_mode = self.cumulative == "init"
+        for p, c, s in zip(params, cumulatives, shrink.unbind()):
+            if init_mode:
+                c.sub_(p * s.to(p.dtype))
+            p.mul_((1.0 - s).to(p.dtype))
+
+    def _decay(self, ok: torch.Tensor, idx: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+        """``η·wd`` per active tensor (``[k]``; 0 where the step is skipped), with ``η = group lr·λ`` for
+        every tensor, vectors included; None when no group decays."""
+        if not any(g["weight_decay"] for g in self.param_groups):
+            return None
+        lam = self.schedule.multiplier(len(self._params()), device)
+        rate = self._group_lr(device) * lam * self._group_vector("weight_decay", device)
+        return torch.where(ok, core.pick(rate, idx), 0.0)
+
+    def _rebase_weight_decay(self, params: list[torch.Tensor], old: list[torch.Tensor], ok: torch.Tensor,
+                             idx: torch.Tensor | None, device: torch.device) -> None:
+        """:meth:`_weight_decay` for the CPU rebase path, after its update: ``P −= η·wd·P_t`` (``old`` = ``P_t``)."""
+        shrink = self._decay(ok, idx, device)
+        if shrink is None:
+            return
+        for p, o, s in zip(params, old, shrink.tolist()):
+            if s:
+                p.detach().sub_(o, alpha=s)
 
     def _normalized_step(
         self,
@@ -321,6 +509,7 @@ class NuP(torch.optim.Optimizer):
             d_norm = torch.where(bad, float("nan"), d_norm)
         eta, scales, normalize = (core.pick(v, idx) for v in self.rates(device))
         ok, coef, u = core.coefficients(d_norm, eta, scales, normalize)
+        self._weight_decay(act_params, cumulatives, ok, idx, device)
         if packed:
             apply(act_params, directions, cumulatives, coef)
             dc = torch.where(ok, dc, 0.0)  # a skipped tensor's ⟨D, C⟩ may be NaN
@@ -398,11 +587,28 @@ class NuP(torch.optim.Optimizer):
         per = {name: {k: v[k][i] for k in STAT_KEYS} for i, name in enumerate(v["names"])}
         return {"params": per, "global": {"multiplier": v["multiplier"], "cos_mean": v["cos_mean"], "step": v["step"]}}
 
+    def log_dict(self, prefix: str = "nup") -> dict[str, float]:
+        """The last step's statistics as one flat dict of floats, for loggers; the one method that syncs.
+
+        Keys: ``{prefix}/{stat}/{name}`` for every tensor and stat in ``cos``, ``update_norm``,
+        ``c_norm``, ``coherence``, ``lr`` (the effective rate ``group lr·λ``) and ``skipped``, plus
+        ``{prefix}/multiplier`` (mean ``λ``), ``{prefix}/cos_mean`` and ``{prefix}/step``.
+        """
+        v = self.stat_vectors()
+        flat = torch.cat([*(v[k].float() for k in STAT_KEYS), v["multiplier"].float().mean().reshape(1),
+                          v["cos_mean"].float().reshape(1)]).tolist()
+        n, out = len(v["names"]), {}
+        for i, key in enumerate(STAT_KEYS):
+            out.update({f"{prefix}/{key}/{name}": flat[i * n + j] for j, name in enumerate(v["names"])})
+        out[f"{prefix}/multiplier"], out[f"{prefix}/cos_mean"] = flat[-2], flat[-1]
+        out[f"{prefix}/step"] = float(v["step"])
+        return out
+
     def state_dict(self) -> dict[str, Any]:
         g = self.state.setdefault(_GLOBAL, {"step": 0})
         g["schedule"] = self.schedule.state_dict()
-        if self.base is not None:
-            g["base"] = self.base.state_dict()
+        if self.bases:
+            g["base"] = [b.state_dict() for b in self.bases] if len(self.bases) > 1 else self.bases[0].state_dict()
         sd = super().state_dict()
         # torch.distributed.checkpoint maps every key of "state" to a parameter name: carry the
         # optimizer-wide entry in the first param group, whose extra keys it keeps as they are.
@@ -414,9 +620,26 @@ class NuP(torch.optim.Optimizer):
         state = dict(state_dict["state"])
         g = groups[0].pop(_GLOBAL, None) or state.pop(_GLOBAL, {})
         super().load_state_dict({**state_dict, "state": state, "param_groups": groups})
+        for group in self.param_groups:  # a state dict from before a group setting existed
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            group.setdefault("lr_ref", float(group["lr"]))
         g = copy.deepcopy(g)  # never share the step count or statistics with the source
         self.state[_GLOBAL] = g
         if "schedule" in g:
             self.schedule.load_state_dict(g["schedule"])
-        if self.base is not None and "base" in g:
-            self.base.load_state_dict(g["base"])
+        if self.bases and "base" in g:
+            saved = g["base"] if isinstance(g["base"], list) else [g["base"]]
+            if len(saved) != len(self.bases):
+                raise ValueError(f"the state dict holds {len(saved)} base optimizer(s); this NuP has {len(self.bases)}")
+            for b, sd in zip(self.bases, saved):
+                b.load_state_dict(sd)
+        self._base_targets = None
+
+    def __repr__(self) -> str:
+        """torch's group listing, with the base optimizer(s) and the schedule."""
+        lines = super().__repr__().splitlines()
+        bases = ", ".join(f"{type(b).__name__}(lr={b.defaults.get('lr')})" for b in self.bases) or "None (νP-SGD)"
+        extra = [f"base: {bases}", f"schedule: {_describe(self.schedule)}",
+                 f"tensors: {len(self._params())}, cumulative: {self.cumulative}, fused: {self.fused}"]
+        return "\n".join([lines[0], *extra, *lines[1:]])

@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-PLOT_FILES = {
+PLOT_FILES = {  # in reading order: the loss first
     "loss": "loss.png",
     "lr": "lr.png",
     "cos": "cos_heatmap.png",
@@ -101,13 +101,16 @@ def plot_lr(records: Sequence[dict], path: str | Path, names: Sequence[str] | No
 
 def plot_cos_heatmap(records: Sequence[dict], path: str | Path, names: Sequence[str] | None = None,
                      title: str = "") -> Path:
-    """Layer × step heatmap of cos(ΔP_t, C_t), colour range [−1, 1]."""
+    """Layer × step heatmap of cos(ΔP_t, C_t); the colour range is ``±max|cos|`` of the data (symmetric
+    about 0, so white is 0), not ±1, so that values around 0.1 do not fade into noise."""
     cos = _matrix(records, "cos")
+    finite = np.abs(cos[np.isfinite(cos)])
+    vlim = float(min(1.0, max(finite.max(), 1e-3))) if finite.size else 1.0
     steps = [r["step"] for r in records if "cos" in r]
     fig = _figure(7.2, max(2.5, 0.35 * cos.shape[0] + 1.5))
     ax = fig.add_subplot()
     extent = (steps[0] - 0.5, steps[-1] + 0.5, cos.shape[0] - 0.5, -0.5) if steps else None
-    im = ax.imshow(cos, aspect="auto", interpolation="nearest", cmap="RdBu_r", vmin=-1, vmax=1, extent=extent)
+    im = ax.imshow(cos, aspect="auto", interpolation="nearest", cmap="RdBu_r", vmin=-vlim, vmax=vlim, extent=extent)
     ax.set_yticks(range(cos.shape[0]), _layer_labels(names, cos.shape[0]), fontsize="small")
     ax.set_xlabel("step")
     ax.set_title(title or "cos(new update, cumulative update)")
@@ -117,13 +120,16 @@ def plot_cos_heatmap(records: Sequence[dict], path: str | Path, names: Sequence[
 
 def plot_c_norm(records: Sequence[dict], path: str | Path, names: Sequence[str] | None = None,
                 title: str = "") -> Path:
-    """‖C_t‖ = ‖P_t − P_0‖_F per layer against step."""
+    """‖C_t‖ = ‖P_t − P_0‖_F per layer against step, on a log scale (the readout's ‖C‖ is often ~10× the
+    hidden layers')."""
     fig = _figure()
     ax = fig.add_subplot()
     c = _matrix(records, "c_norm")
     steps = [r["step"] for r in records if "c_norm" in r]
     for row, label in zip(c, _layer_labels(names, c.shape[0]), strict=True):
         ax.plot(steps, row, lw=1.0, label=label)
+    if (c[np.isfinite(c)] > 0).any():
+        ax.set_yscale("log")  # zeros (steps before a tensor first moved) are left out of the curve
     ax.set_xlabel("step")
     ax.set_ylabel("‖C‖ = ‖P − P₀‖")
     ax.set_title(title or "cumulative update norm")

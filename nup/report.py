@@ -24,6 +24,7 @@ from urllib.parse import quote
 
 from nup.cli import CLIError
 from nup.io import write_text_atomic
+from nup.plots import PLOT_FILES, load_metrics
 from nup.sweep import METRICS, read_results
 
 LR_FIGURE = "loss_vs_lr.png"
@@ -87,14 +88,40 @@ def _sort_key(text: str) -> tuple[int, float, str]:
 
 
 def _figures(directory: Path, exclude: Sequence[str] = ()) -> list[Block]:
-    pngs = [p for p in sorted(directory.glob("*.png")) if p.name not in exclude]
+    """The PNGs of ``directory``: a run's in reading order (:data:`nup.plots.PLOT_FILES`, loss first), then the rest."""
+    order = list(PLOT_FILES.values())
+    pngs = sorted((p for p in directory.glob("*.png") if p.name not in exclude),
+                  key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name))
     if not pngs:
         return []
     return [Heading("Figures"), *(Figure(p, p.stem.replace("_", " ")) for p in pngs)]
 
 
+def layer_table(run_dir: Path, tail: float = 0.1) -> list[Block]:
+    """End of training, per tensor: the effective lr, cos (last step and mean over the last ``tail``
+    of the steps), the update norm and ‖C‖, from metrics.jsonl; nothing when it is missing."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = [r for r in load_metrics(path) if "cos" in r]
+    if not records:
+        return []
+    names = json.loads((run_dir / "summary.json").read_text(encoding="utf-8")).get("names")
+    last, window = records[-1], records[-max(1, math.ceil(tail * len(records))):]
+    rows = []
+    for i in range(len(last["cos"])):
+        mean_cos = sum(r["cos"][i] for r in window) / len(window)
+        rows.append([names[i] if names and i < len(names) else f"layer {i + 1}", last["lr"][i], last["cos"][i],
+                     mean_cos, last["update_norm"][i], last["c_norm"][i]])
+    text = (f"After step {last['step']}: cos(new update, cumulative update) at the last step and its mean over "
+            f"the last {len(window)} steps; update norm ‖ΔP‖ and ‖C‖ = ‖P − P₀‖ at the last step.")
+    return [Heading("Per layer at the end of training"), Paragraph(text),
+            Table(["tensor", "effective lr", "cos", f"mean cos (last {len(window)})", "update norm", "‖C‖"], rows)]
+
+
 def run_blocks(run_dir: Path) -> list[Block]:
-    """A run directory's report: status, final metrics, the other summary entries, config, PNGs."""
+    """A run directory's report, in reading order: status, final metrics, the figures (loss first),
+    the per-layer table at the end of training, the configuration and the other summary entries."""
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     config, config_path = summary.get("config"), run_dir / "config.json"  # config.json: written by nup sweep
     if config is None and config_path.is_file():
@@ -105,6 +132,9 @@ def run_blocks(run_dir: Path) -> list[Block]:
     blocks: list[Block] = [Heading(f"Run {run_dir.resolve().name}", 1),
                            Paragraph(f"Status: {status}; {summary.get('steps_done', '?')} steps.")]
     blocks += [Heading("Final metrics"), Table(["metric", "value"], [[m, summary.get(m)] for m in METRICS])]
+    blocks += _figures(run_dir) + layer_table(run_dir)
+    if isinstance(config, dict):
+        blocks += [Heading("Configuration"), Table(["field", "value"], [[k, v] for k, v in config.items()])]
     details = []
     for key, value in summary.items():
         if key in METRICS or key == "config":
@@ -113,10 +143,7 @@ def run_blocks(run_dir: Path) -> list[Block]:
             details += [[f"{key}.{k}", v] for k, v in value.items()]
         else:
             details.append([key, value])
-    blocks += [Heading("Summary"), Table(["entry", "value"], details)]
-    if isinstance(config, dict):
-        blocks += [Heading("Configuration"), Table(["field", "value"], [[k, v] for k, v in config.items()])]
-    return blocks + _figures(run_dir)
+    return blocks + [Heading("Summary"), Table(["entry", "value"], details)]
 
 
 def _plot_loss_vs_lr(rows: list[dict[str, str]], curve_keys: list[str], path: Path) -> bool:
@@ -136,7 +163,7 @@ def _plot_loss_vs_lr(rows: list[dict[str, str]], curve_keys: list[str], path: Pa
     panels = sorted(losses, key=_sort_key)
     fig = MplFigure(figsize=(4.5 * len(panels), 3.6), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    axes = fig.subplots(1, len(panels), squeeze=False, sharex=True, sharey=True)[0]  # panels compare
     for ax, panel in zip(axes, panels, strict=True):
         plotted: list[float] = []
         for curve in sorted(losses[panel], key=lambda c: [_sort_key(v) for v in c]):
@@ -158,7 +185,8 @@ def _plot_loss_vs_lr(rows: list[dict[str, str]], curve_keys: list[str], path: Pa
 
 
 def _best_lr(rows: list[dict[str, str]], group_keys: list[str]) -> list[list[Any]]:
-    """Per ``group_keys`` value: the lr with the lowest mean final train loss, that loss, and #lrs."""
+    """Per ``group_keys`` value: the lr with the lowest mean final train loss, that loss, #lrs, and a flag
+    when that lr is the smallest or largest tried (the optimum may lie beyond the grid)."""
     means: dict[tuple[str, ...], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
         loss, lr = _number(row["train_loss"]), _number(row["lr"])
@@ -168,7 +196,9 @@ def _best_lr(rows: list[dict[str, str]], group_keys: list[str]) -> list[list[Any
     for group in sorted(means, key=lambda g: [_sort_key(v) for v in g]):
         by_lr = {lr: sum(v) / len(v) for lr, v in means[group].items()}
         best = min(by_lr, key=by_lr.__getitem__)
-        table.append([*group, best, by_lr[best], len(by_lr)])
+        edge = "" if len(by_lr) < 2 else "lowest lr tried" if best == min(by_lr) else (
+            "highest lr tried" if best == max(by_lr) else "")
+        table.append([*group, best, by_lr[best], len(by_lr), f"on the grid's edge ({edge})" if edge else ""])
     return table
 
 
@@ -197,9 +227,12 @@ def sweep_blocks(sweep_dir: Path, figure_dir: Path) -> list[Block]:
         group_keys = [k for k in varying if k not in ("lr", "seed")]
         best = _best_lr(rows, group_keys)
         if best:
+            edges = sum(1 for row in best if row[-1])
+            note = (f" {edges} of {len(best)} optima lie on the grid's edge: the true optimum may be beyond it; "
+                    "extend the lr grid there." if edges else "")
             blocks += [Heading("Best learning rate"),
-                       Paragraph("The lr with the lowest final train loss (mean over seeds) per group."),
-                       Table([*group_keys, "best lr", "train loss", "lrs tried"], best)]
+                       Paragraph("The lr with the lowest final train loss (mean over seeds) per group." + note),
+                       Table([*group_keys, "best lr", "train loss", "lrs tried", "flag"], best)]
         curve_keys = [k for k in group_keys if k != "parameterization"]
         if _plot_loss_vs_lr(rows, curve_keys, figure_dir / LR_FIGURE):
             blocks += [Heading("Loss against learning rate"),

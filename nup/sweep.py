@@ -3,7 +3,8 @@
 [base] holds fixed TrainConfig fields; [grid] holds lists, and the sweep is their cartesian
 product. Run RUN_ID writes into OUT/runs/RUN_ID/: config.json first, summary.json last. A run
 is finished iff its summary.json exists, so a sweep killed at any moment and started again with
---resume skips the finished runs and redoes the others from scratch. OUT/results.csv (one row
+--resume skips the finished runs and continues the others from their last checkpoint
+(--checkpoint-every steps, bit for bit as if never interrupted) or, without one, from scratch. OUT/results.csv (one row
 per run) and OUT/sweep.json (the resolved config and grid) are rebuilt from the run directories.
 """
 
@@ -268,20 +269,24 @@ def _record_failure(run_dir: Path, error: str, trace: str) -> None:
     write_json_atomic(run_dir / "error.json", {"error": error, "traceback": trace})
 
 
-def execute_run(config: Any, run_dir: Path) -> str:
-    """Train ``config`` in a fresh ``run_dir`` (config.json first); "finished" or "failed".
+def execute_run(config: Any, run_dir: Path, checkpoint_every: int = 0, resume: bool = False) -> str:
+    """Train ``config`` in ``run_dir`` (config.json first); "finished" or "failed".
 
-    Anything left in ``run_dir`` (an interrupted attempt) is removed first. An exception is
-    recorded in error.json, not raised.
+    With ``resume`` and a checkpoint in ``run_dir`` (an interrupted attempt), the run continues
+    from it; otherwise anything left in ``run_dir`` is removed first. An exception is recorded in
+    error.json, not raised.
     """
+    from nup.checkpoint import CHECKPOINT
     from nup.train import run_training
 
-    if run_dir.exists():
+    resume = resume and (run_dir / CHECKPOINT).is_file()
+    if run_dir.exists() and not resume:
         shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "error.json").unlink(missing_ok=True)
     write_json_atomic(run_dir / "config.json", config_dict(config))
     try:
-        run_training(config, run_dir, progress=False)
+        run_training(config, run_dir, progress=False, checkpoint_every=checkpoint_every, resume=resume)
         if not (run_dir / "summary.json").is_file():
             raise RuntimeError("run_training returned without writing summary.json")
     except Exception as err:
@@ -316,16 +321,18 @@ def _init_worker(parent_pid: int) -> None:
         threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
 
 
-def _execute_all(todo: Sequence[RunSpec], runs_dir: Path, jobs: int) -> Iterator[tuple[RunSpec, str]]:
+def _execute_all(todo: Sequence[RunSpec], runs_dir: Path, jobs: int, checkpoint_every: int = 0,
+                 resume: bool = False) -> Iterator[tuple[RunSpec, str]]:
     """Run ``todo`` (in this process when jobs == 1), yielding (spec, status) as runs end."""
     if jobs == 1 or len(todo) <= 1:
         for spec in todo:
-            yield spec, execute_run(spec.config, runs_dir / spec.run_id)
+            yield spec, execute_run(spec.config, runs_dir / spec.run_id, checkpoint_every, resume)
         return
     pool = ProcessPoolExecutor(max_workers=min(jobs, len(todo)), initializer=_init_worker,
                                mp_context=multiprocessing.get_context("spawn"), initargs=(os.getpid(),))
     try:
-        futures = {pool.submit(execute_run, spec.config, runs_dir / spec.run_id): spec for spec in todo}
+        futures = {pool.submit(execute_run, spec.config, runs_dir / spec.run_id, checkpoint_every, resume): spec
+                   for spec in todo}
         for future in as_completed(futures):
             spec = futures[future]
             try:
@@ -352,12 +359,13 @@ def _exclusive(out: Path) -> Iterator[None]:
 
 
 def run_sweep(sweep: Sweep, out_dir: str | Path, jobs: int = 1, resume: bool = False,
-              progress: bool = True) -> Path:
+              progress: bool = True, checkpoint_every: int = 0) -> Path:
     """Run every grid point of ``sweep`` under ``out_dir``; returns the path of results.csv.
 
     Every grid point is validated before any run starts. Finished runs (summary.json present)
     are skipped with ``resume``; without it, a directory that already holds finished runs is an
-    error. Other run directories are cleared and run again. A failed run leaves error.json and
+    error. With ``resume``, a run with a checkpoint (written every ``checkpoint_every`` steps)
+    continues from it; other run directories are cleared and run again. A failed run leaves error.json and
     a "failed" row, and its error is printed to stderr; it does not stop the sweep. results.csv
     is rebuilt from the run directories when the sweep starts and when it ends.
     """
@@ -384,7 +392,7 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, jobs: int = 1, resume: bool = F
         failed = 0
         with tqdm(total=len(specs), initial=len(specs) - len(todo), desc=sweep.name, unit="run",
                   disable=None if progress else True) as bar:
-            for spec, status in _execute_all(todo, runs_dir, jobs):
+            for spec, status in _execute_all(todo, runs_dir, jobs, checkpoint_every, resume):
                 if status == "failed":
                     failed += 1
                     error = json.loads((runs_dir / spec.run_id / "error.json").read_text(encoding="utf-8"))
@@ -403,7 +411,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, default=1, metavar="N",
                         help="runs in parallel, one worker process each (default: %(default)s)")
     parser.add_argument("--resume", action="store_true",
-                        help="skip finished runs; redo unfinished and failed ones")
+                        help="skip finished runs; continue unfinished and failed ones from their last checkpoint "
+                             "(from scratch when they have none)")
+    parser.add_argument("--checkpoint-every", type=int, default=100, metavar="N",
+                        help="each run writes a checkpoint every N steps, removed when it finishes; 0: none "
+                             "(default: %(default)s)")
     parser.add_argument("--out", default=None, metavar="DIR", help="output directory (default: sweeps/NAME)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="override a config value, as TOML: --set base.steps=50 --set 'grid.lr=[0.1,0.3]'"
@@ -422,7 +434,9 @@ def main(args: argparse.Namespace) -> int:
             print(spec.run_id)
         print(f"{len(specs)} runs -> {out / 'runs'}")
         return 0
-    results = run_sweep(sweep, out, jobs=args.jobs, resume=args.resume)
+    if args.checkpoint_every < 0:
+        raise CLIError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+    results = run_sweep(sweep, out, jobs=args.jobs, resume=args.resume, checkpoint_every=args.checkpoint_every)
     counts: dict[str, int] = {}
     for row in read_results(results):
         counts[row["status"]] = counts.get(row["status"], 0) + 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import platform
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from nup import distributed
+from nup.checkpoint import CHECKPOINT, load_checkpoint, restore, save_checkpoint
 from nup.data import batches, load_digits_split, teacher_student
 from nup.io import append_jsonl, write_json_atomic
 from nup.plots import plot_run
@@ -173,6 +175,26 @@ def _build_optimizer(model: torch.nn.Module, config: TrainConfig):
     return NuP(model.named_parameters(), lr=config.lr, base=base, schedule=schedule, **kwargs)
 
 
+def _tensorboard(out: Path, start: int):
+    """A SummaryWriter on OUT/tensorboard that drops events from ``start`` on (a resumed run rewrites them)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ImportError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(str(out / "tensorboard"), purge_step=start or None)
+
+
+def _log_row(board, row: dict[str, Any], names: list[str]) -> None:
+    """One metrics.jsonl row as scalars: ``train/loss``, ``test/acc``, ``nup/cos/<name>``, ..."""
+    step = row["step"]
+    for key in ("loss", "acc", "lr_mult", "test_loss", "test_acc"):
+        if key in row:
+            board.add_scalar(key.replace("_", "/", 1) if key.startswith("test") else f"train/{key}", row[key], step)
+    for key in ("lr", "cos", "update_norm", "c_norm"):
+        for name, value in zip(names, row[key], strict=True):
+            board.add_scalar(f"nup/{key}/{name}", value, step)
+
+
 @torch.no_grad()
 def _evaluate(model, loss_fn, x: torch.Tensor, y: torch.Tensor, chunk: int = 4096) -> tuple[float, float]:
     """(mean loss, accuracy) over the whole set, in chunks, with one host sync."""
@@ -207,11 +229,19 @@ def _versions() -> dict[str, str | None]:
             "nup": nup_version}
 
 
-def run_training(config: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict:
+def run_training(config: TrainConfig, out_dir: str | Path, progress: bool = True, checkpoint_every: int = 0,
+                 resume: bool = False, tensorboard: bool = False) -> dict:
     """Train one model, write metrics.jsonl, the plots and (last, atomically) summary.json.
 
-    Returns the summary dict. Raises ValueError for a bad config, OSError for an unwritable
-    ``out_dir``, ImportError when the digits need scikit-learn and it is missing.
+    ``checkpoint_every`` > 0 writes OUT/checkpoint.pt (see :mod:`nup.checkpoint`) after every that
+    many steps; ``resume`` continues from it when it exists (bit for bit: metrics.jsonl and the
+    final model equal the uninterrupted run's), returns the summary of a run of the same config
+    that already finished, and else starts at step 0. The checkpoint is removed
+    when the run finishes. ``tensorboard`` also logs every metrics.jsonl value to OUT/tensorboard.
+
+    Returns the summary dict. Raises ValueError for a bad config or a checkpoint of another
+    config, OSError for an unwritable ``out_dir``, ImportError when the digits need
+    scikit-learn (or ``tensorboard`` needs the tensorboard package) and it is missing.
     """
     from tqdm.auto import tqdm
 
@@ -219,6 +249,13 @@ def run_training(config: TrainConfig, out_dir: str | Path, progress: bool = True
 
     t_start = time.perf_counter()
     config.validate()
+    if not (isinstance(checkpoint_every, int) and checkpoint_every >= 0):
+        raise ValueError(f"checkpoint_every must be an integer >= 0 (0: no checkpoints), got {checkpoint_every!r}")
+    finished = Path(out_dir) / "summary.json"
+    if resume and finished.is_file() and not (Path(out_dir) / CHECKPOINT).is_file():
+        summary = json.loads(finished.read_text(encoding="utf-8"))
+        if summary.get("config") == dataclasses.asdict(config):
+            return summary  # finished already: nothing to resume
     out = _prepare_out_dir(out_dir)
     device = distributed.init_from_env(config.device)
     x_train, y_train, x_test, y_test = _load_data(config, device)
@@ -229,18 +266,27 @@ def run_training(config: TrainConfig, out_dir: str | Path, progress: bool = True
                   activation=config.activation, parameterization=config.parameterization, bias=config.bias,
                   max_width=config.max_width, sigma_b2=BIAS_SIGMA_B2 if config.bias else 0.0).to(device)
     opt = _build_optimizer(model, config)
+    names: list[str] | None = None
+    last = {"loss": math.nan, "acc": math.nan}
+    start, ckpt_path, ckpt_config = 0, out / CHECKPOINT, dataclasses.asdict(config)
+    if resume and ckpt_path.is_file():
+        state = load_checkpoint(ckpt_path, ckpt_config, device)
+        start = restore(state, model, opt)
+        names, last = state["extra"]["names"], state["extra"]["last"]
+        if distributed.is_main_process():
+            with open(out / "metrics.jsonl", "r+b") as fh:  # drop rows written after the checkpoint
+                fh.truncate(state["metrics_bytes"])
     net, main = distributed.wrap_ddp(model), distributed.is_main_process()
     loss_fn = _loss_fn(config.loss, n_classes)
-    stream = batches(x_train, y_train, config.batch_size, torch.Generator().manual_seed(config.seed))
+    stream = batches(x_train, y_train, config.batch_size, torch.Generator().manual_seed(config.seed), skip=start)
+    board = _tensorboard(out, start) if tensorboard and main else None
 
-    names: list[str] | None = None
     diverged_at: int | None = None
-    last = {"loss": math.nan, "acc": math.nan}
     t_train = time.perf_counter()
-    bar = tqdm(total=config.steps, desc="nup train", unit="step", disable=None if progress and main else True,
-               leave=False)
-    with open(out / "metrics.jsonl" if main else os.devnull, "w", encoding="utf-8") as fh, bar:
-        for step in range(config.steps):
+    bar = tqdm(total=config.steps, initial=start, desc="nup train", unit="step",
+               disable=None if progress and main else True, leave=False)
+    with open(out / "metrics.jsonl" if main else os.devnull, "a" if start else "w", encoding="utf-8") as fh, bar:
+        for step in range(start, config.steps):
             xb, yb = distributed.local_batch(*next(stream))
             f = net(xb)
             loss = loss_fn(f, yb)
@@ -265,10 +311,17 @@ def run_training(config: TrainConfig, out_dir: str | Path, progress: bool = True
                 row["test_loss"], row["test_acc"] = _evaluate(model, loss_fn, x_test, y_test)
                 bar.set_postfix(loss=f"{vals[0]:.3g}", test_acc=f"{row['test_acc']:.3f}", refresh=False)
             append_jsonl(fh, row)
+            if board is not None:
+                _log_row(board, row, names)
             bar.update()
             if diverged_at is not None:
                 break
+            if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < config.steps and main:
+                save_checkpoint(ckpt_path, step=step + 1, model=model, optimizer=opt, config=ckpt_config,
+                                metrics_bytes=os.fstat(fh.fileno()).st_size, extra={"names": names, "last": last})
     train_time = time.perf_counter() - t_train
+    if board is not None:
+        board.close()
 
     if not main:
         return {}
@@ -295,9 +348,11 @@ def run_training(config: TrainConfig, out_dir: str | Path, progress: bool = True
         "n_params": sum(p.numel() for p in model.parameters()),
         "data": {"name": config.data, "n_train": x_train.shape[0], "n_test": x_test.shape[0],
                  "n_features": x_train.shape[1], "n_classes": n_classes},
-        "files": ["metrics.jsonl", *sorted(p.name for p in plots.values()), "summary.json"],
+        "files": ["metrics.jsonl", *sorted(p.name for p in plots.values()), "summary.json",
+                  *(["tensorboard"] if tensorboard else [])],
     }
     write_json_atomic(out / "summary.json", summary)
+    ckpt_path.unlink(missing_ok=True)  # the run is finished: summary.json is its mark
     return summary
 
 
@@ -313,6 +368,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             kind = str(f.type).replace(" | None", "")
             parser.add_argument(flag, type=types[kind], default=f.default, metavar=kind.upper(), help=text)
     parser.add_argument("--out", default="runs/train", help="output directory (default: %(default)s)")
+    parser.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                        help="write OUT/checkpoint.pt (model, optimizer, schedule, RNG; atomically) every N steps; "
+                             "0: never (default: %(default)s)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from OUT/checkpoint.pt, bit for bit as if never interrupted (starts at "
+                             "step 0 when there is none); give the same flags as the interrupted run")
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="also log every metric to OUT/tensorboard (needs the tensorboard package)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no final line")
     parser.add_argument("--threads", type=int, default=1, metavar="INT",
                         help="torch CPU threads; 1 is fastest for these model sizes, and torch's multi-thread "
@@ -330,10 +393,13 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if config.nproc > 1 and not distributed.launched():
         config.validate()
-        flags = distributed.to_flags(dataclasses.asdict(config) | {"out": args.out, "quiet": args.quiet or None})
+        flags = distributed.to_flags(dataclasses.asdict(config) | {
+            "out": args.out, "quiet": args.quiet or None, "checkpoint_every": args.checkpoint_every or None,
+            "resume": args.resume or None, "tensorboard": args.tensorboard or None})
         return distributed.launch(["train", *flags], config.nproc)
     try:
-        summary = run_training(config, args.out, progress=not args.quiet)
+        summary = run_training(config, args.out, progress=not args.quiet, checkpoint_every=args.checkpoint_every,
+                               resume=args.resume, tensorboard=args.tensorboard)
     except ImportError as err:
         raise CLIError(str(err)) from None
     finally:

@@ -26,11 +26,9 @@ import math
 import os
 
 import torch
-import triton
-import triton.language as tl
 
 from nup_kernels import reference
-from nup_kernels.backend import check_inputs, interpreter_active, requested_backend, use_triton
+from nup_kernels.backend import check_inputs, interpreter_active, requested_backend, tl, triton, use_triton
 from nup_kernels.gram_norm import dot_precision
 
 UPDATE_PATHS = ("small_batch", "materialized")

@@ -3,15 +3,70 @@
 CUDA tensors get the Triton kernels and CPU tensors the reference path. ``NUP_BACKEND=triton``
 forces the kernels (on CPU that needs ``TRITON_INTERPRET=1``); ``NUP_BACKEND=reference``
 forces the reference path everywhere.
+
+Triton is optional (CUDA builds of torch bring it): without it every tensor takes the reference
+path, and the kernel modules import the stand-ins :data:`triton` and :data:`tl` from here, which
+define the kernels but refuse to launch them.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from typing import Any
 
 import torch
 
 BACKENDS = ("triton", "reference")
+TRITON_MISSING = "triton is not installed: pip install triton (CUDA builds of torch bring it), or unset NUP_BACKEND"
+
+
+class _Unlaunchable:
+    """A ``@triton.jit`` function where triton is missing: defined, but ``kernel[grid](...)`` raises."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def __getitem__(self, grid: Any) -> Any:
+        raise RuntimeError(TRITON_MISSING)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(TRITON_MISSING)
+
+
+class _MissingTriton:
+    """Stands for ``triton`` and ``triton.language`` at import time of the kernel modules."""
+
+    def jit(self, fn: Any = None, **kwargs: Any) -> Any:
+        return _Unlaunchable(fn) if fn is not None else _Unlaunchable
+
+    def autotune(self, *args: Any, **kwargs: Any) -> Any:
+        return lambda fn: fn
+
+    heuristics = autotune
+
+    @staticmethod
+    def cdiv(a: int, b: int) -> int:
+        return -(-a // b)
+
+    @staticmethod
+    def next_power_of_2(n: int) -> int:
+        return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+    def __getattr__(self, name: str) -> Any:  # Config, constexpr, dtypes, ...: placeholders
+        return lambda *args, **kwargs: None
+
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = tl = _MissingTriton()
+
+
+def triton_available() -> bool:
+    """True when the triton package imported."""
+    return not isinstance(triton, _MissingTriton)
 
 
 def requested_backend() -> str | None:
@@ -32,6 +87,10 @@ def use_triton(tensor: torch.Tensor) -> bool:
     """True when ops on ``tensor`` should run the Triton kernels."""
     forced = requested_backend()
     if forced == "reference":
+        return False
+    if not triton_available():
+        if forced == "triton":
+            raise RuntimeError(f"NUP_BACKEND=triton: {TRITON_MISSING}")
         return False
     if tensor.is_cuda:
         return True

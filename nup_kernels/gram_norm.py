@@ -10,11 +10,9 @@ tile counts twice). The partials are then summed by ``torch.sum``, which is dete
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from nup_kernels import reference
-from nup_kernels.backend import check_inputs, interpreter_active, use_triton
+from nup_kernels.backend import check_inputs, interpreter_active, tl, triton, use_triton
 
 
 def dot_precision() -> str:

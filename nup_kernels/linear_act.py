@@ -18,11 +18,9 @@ import math
 from collections.abc import Callable
 
 import torch
-import triton
-import triton.language as tl
 
 from nup_kernels.activations import GELU, LINEAR_ABS, TANH, Activation, get_activation
-from nup_kernels.backend import check_inputs, interpreter_active, use_triton
+from nup_kernels.backend import check_inputs, interpreter_active, tl, triton, use_triton
 
 _INTERPRET = interpreter_active()
 # Globals read inside kernels must be constexpr.

@@ -27,11 +27,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
-import triton
-import triton.language as tl
 
 from nup_kernels import reference
-from nup_kernels.backend import check_inputs, use_triton
+from nup_kernels.backend import check_inputs, tl, triton, use_triton
 
 BLOCK = 1024
 ITERS = 4

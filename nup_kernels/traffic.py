@@ -4,10 +4,15 @@ Counts are in parameter-sized passes (one read or one write of a P-element tenso
 weight ``W``, the gradient ``G`` and the cumulative update ``C`` (or the initial weights
 ``P_0``); ``bytes = total_passes · P · dtype_bytes``. The small-batch paths never store ``G``
 and recompute its rank-B tile instead, which adds ``2·B·P`` FLOPs.
+
+The module itself is callable: ``nup_kernels.traffic(n_params, path, batch)`` is :func:`traffic`,
+and :func:`table` gives every path's row for one configuration.
 """
 
 from __future__ import annotations
 
+import sys
+import types
 from itertools import pairwise
 
 #: path -> (W passes, G passes, C or P_0 passes)
@@ -60,3 +65,18 @@ def model_traffic(
         if key in out:
             out[key] = sum(layer[key] for layer in layers)
     return out
+
+
+def table(n_params: int, batch: int | None = None, dtype_bytes: int = 4) -> dict[str, dict[str, int]]:
+    """DESIGN.md's traffic table for one ``n_params``-element matrix: ``{path: traffic(...)}`` for every path."""
+    return {path: traffic(n_params, path, batch, dtype_bytes) for path in PASSES}
+
+
+class _CallableModule(types.ModuleType):
+    """``nup_kernels.traffic(...)`` as the README writes it: calling the module calls :func:`traffic`."""
+
+    def __call__(self, n_params: int, path: str, batch: int | None = None, dtype_bytes: int = 4) -> dict[str, int]:
+        return traffic(n_params, path, batch, dtype_bytes)
+
+
+sys.modules[__name__].__class__ = _CallableModule

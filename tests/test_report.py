@@ -65,7 +65,7 @@ def test_report_of_a_real_run(tmp_path):
 def fake_sweep(tmp_path, monkeypatch):
     """A finished sweep of the fake trainer: loss |ln(lr·depth/0.3)|, lowest at lr = 0.3/depth; lr 1 fails."""
 
-    def run_training(config, out_dir, progress=True):
+    def run_training(config, out_dir, progress=True, **checkpointing):
         if config.lr >= 1:
             raise RuntimeError("lr 1 > limit <boom>")
         loss = abs(math.log(config.lr * config.depth / 0.3)) + 0.01 * config.seed
@@ -101,7 +101,7 @@ def test_report_of_a_sweep(fake_sweep):
 
 
 def test_sweep_report_without_lr_axis_has_no_lr_plot(tmp_path, monkeypatch):
-    def run_training(config, out_dir, progress=True):
+    def run_training(config, out_dir, progress=True, **checkpointing):
         summary = {"status": "ok", "train_loss": 1.0 / config.depth}
         write_json_atomic(Path(out_dir) / "summary.json", summary)
         return summary

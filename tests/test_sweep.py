@@ -54,7 +54,7 @@ def fake_train(monkeypatch):
     """Replace run_training by a fast fake; lr >= 1 raises. Returns the list of (lr, depth, seed) run."""
     calls = []
 
-    def run_training(config, out_dir, progress=True):
+    def run_training(config, out_dir, progress=True, **checkpointing):
         calls.append((config.parameterization, config.depth, config.lr, config.seed))
         (Path(out_dir) / "metrics.jsonl").write_text("{}\n")
         if config.lr >= 1:

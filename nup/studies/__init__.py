@@ -6,8 +6,10 @@ of the optimal lr), coord_check (preactivation RMS and its change against depth)
 schedule (constant vs geometry-aware vs warmup+cosine lr on a νP model: loss, sharpness,
 cosine, lr and the length of the catapult phase) and eos (sharpness against 2/η under
 full-batch GD). Each default runs on two CPU cores in under 10 minutes; --quick runs a tiny
-version in seconds; the study options below scale a study up (e.g. on a GPU with --device cuda).
-Options a study does not use are refused.
+version in seconds (its figures and README say so); the study options below scale a study up
+(e.g. on a GPU with --device cuda).
+Options a study does not use are refused. Outputs go to runs/studies/NAME unless --out names a
+folder; the committed results under studies/ are rewritten only with an explicit --out studies/NAME.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
-from nup.studies._common import Flag
+from nup.studies._common import Flag, quick_mode
 
 STUDIES = ("depth_transfer", "coord_check", "catapult", "schedule", "eos")
 COMMON = ("seed", "device")
@@ -73,10 +75,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """NAME, the common options and every study's own options (default: the study's default)."""
     parser.add_argument("name", metavar="NAME", help=f"the study: {' | '.join((*STUDIES, 'all'))}")
     parser.add_argument("--out", default=None, metavar="DIR",
-                        help="output directory (default: studies/NAME; for all: studies, one folder per study)")
+                        help="output directory (default: runs/studies/NAME; for all: runs/studies, one folder per "
+                             "study); the committed studies/ folders change only when --out names them")
     parser.add_argument("--seed", type=int, default=None, help="base seed of the study (default: 0)")
     parser.add_argument("--device", default=None, help="torch device: cpu, cuda, cuda:1, ... (default: cpu)")
-    parser.add_argument("--quick", action="store_true", help="tiny settings that run in seconds (for CI)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny settings that run in seconds (for CI); titles and READMEs say quick mode")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="torch intra-op threads (default: torch's own; 1 is fastest on a busy machine)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
@@ -127,7 +131,8 @@ def _check_device(device: str) -> None:
 def run_study(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """Build the config of study ``name`` from ``args``, run it into ``out`` and return its results."""
     cfg = make_config(name, args)
-    return _module(name).run(cfg, out, progress=not args.quiet)
+    with quick_mode(args.quick):
+        return _module(name).run(cfg, out, progress=not args.quiet)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -143,7 +148,7 @@ def main(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     names = STUDIES if args.name == "all" else (args.name,)
-    root = Path(args.out) if args.out else Path("studies") / ("" if args.name == "all" else args.name)
+    root = Path(args.out) if args.out else Path("runs") / "studies" / ("" if args.name == "all" else args.name)
     if args.name == "all":
         given = [k for k, v in vars(args).items() if k.startswith("opt_") and v is not None]
         if given:
@@ -169,7 +174,7 @@ def write_index(root: str | Path) -> Path:
 
     root = Path(root)
     lines = ["# Studies", "", "Each folder holds results.json, PNG figures and a README.md; "
-             "rerun one with `nup study NAME` (or all with `nup study all`).", ""]
+             "rerun one with `nup study NAME --out studies/NAME` (or all with `nup study all --out studies`).", ""]
     for name in STUDIES:
         path = root / name / "results.json"
         if path.is_file():

@@ -12,7 +12,9 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from matplotlib.figure import Figure as MplFigure
 from torch import Tensor, nn
 
 from nup.io import write_json_atomic, write_text_atomic
-from nup.report import Block, Figure, render_markdown
+from nup.report import Block, Figure, Paragraph, render_markdown
 
 
 @dataclass(frozen=True)
@@ -96,8 +98,24 @@ def figure(width: float = 6.4, height: float = 4.0) -> MplFigure:
     return fig
 
 
+QUICK_NOTE = "QUICK MODE: tiny settings, not a result"
+_QUICK: ContextVar[bool] = ContextVar("nup_study_quick", default=False)
+
+
+@contextmanager
+def quick_mode(on: bool) -> Iterator[None]:
+    """Within the block, figures and READMEs carry :data:`QUICK_NOTE` when ``on``."""
+    token = _QUICK.set(bool(on))
+    try:
+        yield
+    finally:
+        _QUICK.reset(token)
+
+
 def save_figure(fig: MplFigure, path: Path) -> str:
-    """Save ``fig`` as a PNG at ``path``; returns the file name."""
+    """Save ``fig`` as a PNG at ``path`` (titled quick mode inside :func:`quick_mode`); returns the file name."""
+    if _QUICK.get():
+        fig.suptitle(QUICK_NOTE, color="tab:red", fontsize="medium")
     fig.savefig(path, format="png")
     return path.name
 
@@ -124,6 +142,9 @@ def write_outputs(out: Path, results: dict[str, Any], blocks: Iterable[Block]) -
     """``results.json`` and ``README.md`` (from report blocks; relative figure paths are in ``out``)."""
     blocks = [Figure(out / b.path, b.caption) if isinstance(b, Figure) and not b.path.is_absolute() else b
               for b in blocks]
+    if _QUICK.get():
+        results = {**results, "quick": True}
+        blocks = [*blocks[:1], Paragraph(f"**{QUICK_NOTE}** (`--quick`)."), *blocks[1:]]
     write_json_atomic(out / "results.json", results)
     write_text_atomic(out / "README.md", render_markdown(blocks, out))
 
