@@ -16,6 +16,7 @@ import csv
 import datetime
 import importlib.util
 import json
+import math
 import re
 import subprocess
 import sys
@@ -87,6 +88,8 @@ def main(args: argparse.Namespace) -> int:
         raise CLIError("pytest-benchmark is not installed; install the dev extra: pip install -e '.[dev]'")
     if args.threads is not None and args.threads < 1:
         raise CLIError(f"--threads must be >= 1, got {args.threads}")
+    if args.budget is not None and not (math.isfinite(args.budget) and args.budget > 0):
+        raise CLIError(f"--budget must be a positive number of seconds, got {args.budget}")
     bench_dir = REPO / "benchmarks"
     files = [bench_dir / f for f in SUITES[args.suite]]
     missing = [str(f) for f in files if not f.exists()]
