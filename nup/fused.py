@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from nup import step_core as core
 from nup_kernels import reference
 from nup_kernels.apply_update import apply_update, choose_update_path
 from nup_kernels.backend import use_triton
@@ -33,14 +34,66 @@ from nup_kernels.linear_act import (
 
 if TYPE_CHECKING:
     from nup.model import NuLinear
-    from nup.optim import NuP
+
+
+class FusedStep:
+    """The fused path of one NuP optimizer: this step's per-tensor ``‖D‖`` and ``⟨ΔP, C⟩`` (fp32 ``[n]``),
+    filed by the layers' backward, and :meth:`finish`, which ``opt.step()`` calls.
+
+    Reads the optimizer only through its public attributes (``param_groups``, ``state``,
+    ``schedule``, ``cumulative``, ``recompute_every``, ``rates``).
+    """
+
+    def __init__(self, opt: torch.optim.Optimizer) -> None:
+        self.opt_ref = weakref.ref(opt)
+        self.pending: dict[str, Any] | None = None
+
+    def optimizer(self) -> Any:
+        opt = self.opt_ref()
+        if opt is None:
+            raise RuntimeError("the NuP optimizer of this fused NuMLP was garbage-collected")
+        return opt
+
+    def begin(self, device: torch.device) -> dict[str, Any]:
+        """This step's buffers and rates, made by the first layer whose backward runs."""
+        if self.pending is None:
+            opt = self.optimizer()
+            n = len(core.all_params(opt.param_groups))
+            self.pending = {
+                "d_norm": torch.zeros(n, dtype=torch.float32, device=device),
+                "dot": torch.zeros(n, dtype=torch.float32, device=device),
+                "seen": [],
+                "rates": opt.rates(device),  # once per step, shared by every layer and by finish()
+            }
+        return self.pending
+
+    def finish(self, device: torch.device) -> None:
+        """Turn the partial sums the backward filed into this step's statistics; advance the schedule."""
+        pending = self.pending
+        if pending is None or not pending["seen"]:
+            return
+        self.pending = None
+        opt = self.optimizer()
+        params = core.all_params(opt.param_groups)
+        g = core.global_state(opt.state, len(params), device)
+        active = sorted(pending["seen"])
+        idx = core.active_index(active, len(params), device)
+        eta, scales, normalize = (core.pick(v, idx) for v in pending["rates"])
+        ok, _, u = core.coefficients(core.pick(pending["d_norm"], idx), eta, scales, normalize)
+        exact = None
+        if core.recompute_due(g, opt.recompute_every):
+            init = opt.cumulative == "init"
+            ps = [params[i] for i in active]
+            exact = core.exact_c_norm(ps, [core.cumulative_buffer(opt.state[p], p, init) for p in ps], init)
+        dot = core.pick(pending["dot"], idx)
+        core.finish_step(g, idx, eta, ok, u, dot, core.pick(g["c_norm"], idx), exact, opt.schedule)
 
 
 class _LayerUpdate:
     """Installed as ``NuLinear.fused_update``: runs the layer with its update in the backward."""
 
-    def __init__(self, opt: NuP, index_w: int, index_b: int | None) -> None:
-        self.opt_ref = weakref.ref(opt)
+    def __init__(self, fused: FusedStep, index_w: int, index_b: int | None) -> None:
+        self.fused = fused
         self.index_w, self.index_b = index_w, index_b
 
     def __call__(self, layer: NuLinear, x: torch.Tensor) -> torch.Tensor:
@@ -53,11 +106,9 @@ class _LayerUpdate:
     def update(
         self, layer: NuLinear, x: torch.Tensor, dy: torch.Tensor, saved: torch.Tensor, delta: torch.Tensor
     ) -> None:
-        """Apply this layer's normalized update in place and file its partial sums with the optimizer."""
-        opt = self.opt_ref()
-        if opt is None:
-            raise RuntimeError("the NuP optimizer of this fused NuMLP was garbage-collected")
-        pending = _pending(opt, layer.weight.device)
+        """Apply this layer's normalized update in place and file its partial sums."""
+        opt = self.fused.optimizer()
+        pending = self.fused.begin(layer.weight.device)
         if self.index_w in pending["seen"]:
             raise RuntimeError(
                 "fused NuP applies each layer's update inside backward: call opt.step() after every "
@@ -71,36 +122,36 @@ class _LayerUpdate:
             grad, g_sq = linear_act_backward_dw(dy, saved, x, alpha, layer.activation)
         else:
             grad, g_sq = reference.linear_act_backward_dw(delta, x, alpha)
-        self._apply(opt, pending, self.index_w, w, g_sq.sqrt(), grad=grad, x=x, delta=delta, alpha=alpha, init=init)
+        _apply(opt, pending, self.index_w, w, g_sq.sqrt(), grad=grad, x=x, delta=delta, alpha=alpha, init=init)
         if self.index_b is not None:
             db = reference.bias_grad(delta, layer.bias_scale)
-            self._apply(opt, pending, self.index_b, layer.bias, db.norm(), grad=db, init=init)
-
-    @staticmethod
-    def _apply(
-        opt: NuP,
-        pending: dict[str, Any],
-        i: int,
-        p: torch.Tensor,
-        d_norm: torch.Tensor,
-        *,
-        grad: torch.Tensor | None,
-        init: bool,
-        x=None,
-        delta=None,
-        alpha: float = 1.0,
-    ) -> None:
-        _, _, coef, _ = opt._coefficients(d_norm.reshape(1), _index_tensor(i, p.device), p.device, pending["rates"])
-        cumulative = opt._cumulative_buffer(p)
-        if p.dim() == 2:
-            dot = apply_update(p, cumulative, coef, grad=grad, x=x, delta=delta, alpha=alpha, cumulative_is_init=init)
-        else:
-            dot = reference.apply_update(p, cumulative, coef.reshape(()), grad=grad, cumulative_is_init=init)
-        pending["d_norm"][i] = d_norm
-        pending["dot"][i] = dot
-        pending["seen"].append(i)
+            _apply(opt, pending, self.index_b, layer.bias, db.norm(), grad=db, init=init)
 
 
+def _apply(
+    opt: Any,
+    pending: dict[str, Any],
+    i: int,
+    p: torch.Tensor,
+    d_norm: torch.Tensor,
+    *,
+    grad: torch.Tensor | None,
+    init: bool,
+    x=None,
+    delta=None,
+    alpha: float = 1.0,
+) -> None:
+    index = _index_tensor(i, p.device)
+    eta, scales, normalize = (v.index_select(0, index) for v in pending["rates"])
+    _, coef, _ = core.coefficients(d_norm.reshape(1), eta, scales, normalize)
+    cumulative = core.cumulative_buffer(opt.state[p], p, init)
+    if p.dim() == 2:
+        dot = apply_update(p, cumulative, coef, grad=grad, x=x, delta=delta, alpha=alpha, cumulative_is_init=init)
+    else:
+        dot = reference.apply_update(p, cumulative, coef.reshape(()), grad=grad, cumulative_is_init=init)
+    pending["d_norm"][i] = d_norm
+    pending["dot"][i] = dot
+    pending["seen"].append(i)
 class _LinearActUpdate(torch.autograd.Function):
     """``y = φ(α·x Wᵀ + bias_scale·b)`` whose backward returns ``dx`` and updates W, b in place."""
 
@@ -142,28 +193,15 @@ def _index_tensor(i: int, device: torch.device) -> torch.Tensor:
     return torch.tensor([i], device=device)
 
 
-def _pending(opt: NuP, device: torch.device) -> dict[str, Any]:
-    """This step's per-tensor ``‖D‖`` and ``⟨ΔP, C⟩`` (fp32 ``[n]``), which tensors were updated, and the rates."""
-    state = getattr(opt, "_fused_pending", None)
-    if state is None:
-        n = len(opt._params())
-        state = {
-            "d_norm": torch.zeros(n, dtype=torch.float32, device=device),
-            "dot": torch.zeros(n, dtype=torch.float32, device=device),
-            "seen": [],
-            "rates": opt._rates(device),  # once per step, shared by every layer and by opt.step()
-        }
-        opt._fused_pending = state
-    return state
-
-
-def attach_fused(opt: NuP) -> None:
-    """Install the fused update on every NuMLP layer whose parameters ``opt`` holds."""
+def attach_fused(opt: torch.optim.Optimizer) -> FusedStep:
+    """Install the fused update on every NuMLP layer whose parameters ``opt`` (a NuP) holds."""
     if opt.base is not None:
         raise ValueError("fused=True is νP-SGD mode only; it cannot wrap a base optimizer (use fused=False)")
-    index = {id(p): i for i, p in enumerate(opt._params())}
+    params = core.all_params(opt.param_groups)
+    index = {id(p): i for i, p in enumerate(params)}
+    fused = FusedStep(opt)
     layers = {}
-    for p in opt._params():
+    for p in params:
         ref = getattr(p, "_nup_layer", None)
         layer = ref() if ref is not None else None
         if layer is None:
@@ -175,28 +213,6 @@ def attach_fused(opt: NuP) -> None:
         if id(layer.weight) not in index or (layer.bias is not None and id(layer.bias) not in index):
             raise ValueError("fused=True needs each layer's weight and bias in the same optimizer")
         layer.fused_update = _LayerUpdate(
-            opt, index[id(layer.weight)], None if layer.bias is None else index[id(layer.bias)]
+            fused, index[id(layer.weight)], None if layer.bias is None else index[id(layer.bias)]
         )
-
-
-def finish_fused_step(opt: NuP, device: torch.device) -> None:
-    """Turn the partial sums the backward filed into this step's statistics; advance the schedule."""
-    pending = getattr(opt, "_fused_pending", None)
-    if pending is None or not pending["seen"]:
-        return
-    opt._fused_pending = None
-    params = opt._params()
-    g = opt._global(device)
-    active = sorted(pending["seen"])
-    idx = opt._index(active, len(params), device)
-    pick = (lambda v: v) if idx is None else (lambda v: v.index_select(0, idx))
-    eta, ok, _, u = opt._coefficients(pick(pending["d_norm"]), idx, device, pending["rates"])
-    c_norm_old = pick(g["c_norm"])
-    exact = None
-    if (g["step"] + 1) % opt.recompute_every == 0:
-        ps = [params[i] for i in active]
-        cs = [opt._cumulative_buffer(p) for p in ps]
-        if opt.cumulative == "init":
-            cs = [p.float() - c.float() for p, c in zip(ps, cs)]
-        exact = torch.stack(torch._foreach_norm(cs, 2, dtype=torch.float32))
-    opt._finish_step(g, idx, eta, ok, u, pick(pending["dot"]), c_norm_old, exact)
+    return fused

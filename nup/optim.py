@@ -17,14 +17,16 @@ from typing import Any
 
 import torch
 
+from nup import step_core as core
 from nup.distributed import stat_reducer
+from nup.fused import attach_fused
 from nup.schedule import ConstantSchedule, MultiplierSchedule
+from nup.step_core import GLOBAL_KEY as _GLOBAL
 from nup_kernels import multi_tensor
 from nup_kernels.backend import use_triton
 
 CUMULATIVE_MODES = ("delta", "init")
 STAT_KEYS = ("update_norm", "cos", "c_norm", "coherence", "lr", "skipped")
-_GLOBAL = "nup"  # key of the optimizer-wide entry in self.state
 
 
 def _host_readable(t: torch.Tensor) -> bool:
@@ -117,10 +119,7 @@ class NuP(torch.optim.Optimizer):
         for p in self._params():
             if cumulative == "init" and p.dtype != torch.float32:
                 raise ValueError("cumulative='init' stores P_0 and needs fp32 parameters (W − P_0 cancels in 16-bit)")
-        if fused:
-            from nup.fused import attach_fused  # local: the fused path is optional
-
-            attach_fused(self)
+        self._fused = attach_fused(self) if fused else None
 
     # ----------------------------------------------------------------------------------------
     # bookkeeping
@@ -133,28 +132,10 @@ class NuP(torch.optim.Optimizer):
         return self._names[:n] + [f"param{i}" for i in range(len(self._names), n)]
 
     def _global(self, device: torch.device) -> dict[str, Any]:
-        """Optimizer-wide state: step count and fp32 ``[n]`` statistic vectors."""
-        n = len(self._params())
-        g = self.state.setdefault(_GLOBAL, {"step": 0})
-        for key in ("update_norm", "cos", "c_norm", "path", "lr", "skipped"):
-            v = g.get(key)
-            if v is None or v.numel() != n or v.device != device:
-                dtype = torch.int64 if key == "skipped" else torch.float32
-                new = torch.zeros(n, dtype=dtype, device=device)
-                if v is not None:
-                    k = min(n, v.numel())
-                    new[:k] = v[:k].to(device)
-                g[key] = new
-        return g
+        return core.global_state(self.state, len(self._params()), device)
 
     def _cumulative_buffer(self, p: torch.Tensor) -> torch.Tensor:
-        state = self.state[p]
-        if "cumulative" not in state:
-            init = self.cumulative == "init"
-            state["cumulative"] = (
-                p.detach().clone() if init else torch.zeros_like(p, memory_format=torch.preserve_format)
-            )
-        return state["cumulative"]
+        return core.cumulative_buffer(self.state[p], p, self.cumulative == "init")
 
     def _scales(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-tensor ``s_P`` and a normalize mask, cached until the groups' settings change."""
@@ -198,10 +179,8 @@ class NuP(torch.optim.Optimizer):
         if not params:
             return loss
         device = params[0].device
-        if self.fused:
-            from nup.fused import finish_fused_step
-
-            finish_fused_step(self, device)
+        if self._fused is not None:
+            self._fused.finish(device)
             return loss
         active = [i for i, p in enumerate(params) if p.grad is not None]
         if not active:
@@ -234,34 +213,11 @@ class NuP(torch.optim.Optimizer):
             p.grad.mul_(f).nan_to_num_(0.0, 0.0, 0.0)
         return ~finite
 
-    def _index(self, active: list[int], n: int, device: torch.device) -> torch.Tensor | None:
-        """Index of the tensors that take part in this step, or None when all do."""
-        return None if len(active) == n else torch.tensor(active, device=device)
-
-    def _rates(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This step's effective lr ``η = group lr · λ``, scales ``s_P`` and normalize mask, each ``[n]``."""
+    def rates(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This step's effective lr ``η = group lr · λ``, scales ``s_P`` and normalize mask, each fp32/bool ``[n]``."""
         n = len(self._params())
         scales, normalize = self._scales(device)
         return self._group_lr(device) * self.schedule.multiplier(n, device), scales, normalize
-
-    def _coefficients(
-        self,
-        d_norm: torch.Tensor,
-        idx: torch.Tensor | None,
-        device: torch.device,
-        rates: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """From ``‖D‖`` (fp32 ``[k]``): effective lr ``η``, the ok mask, ``coef`` with ``ΔP = coef·D``, and ``u``.
-
-        ``rates`` is :meth:`_rates`' result when the caller already has it. A tensor whose ``‖D‖``
-        is 0 or not finite gets ``coef = −0.0`` (so ``P + coef·0`` keeps every bit of P) and ``u = 0``.
-        """
-        pick = (lambda v: v) if idx is None else (lambda v: v.index_select(0, idx))
-        eta, scales, normalize = (pick(v) for v in (rates or self._rates(device)))
-        ok = torch.isfinite(d_norm) & (d_norm > 0)
-        step_size = torch.where(normalize, eta * scales, eta * d_norm)  # u when ok
-        coef = torch.where(ok, -step_size / torch.where(ok, d_norm, 1.0), -0.0)
-        return eta, ok, coef, torch.where(ok, step_size, 0.0)
 
     def _normalized_step(
         self,
@@ -275,7 +231,7 @@ class NuP(torch.optim.Optimizer):
     ) -> None:
         """One normalized step of ``act_params``; ``bad`` marks tensors to skip whatever their direction."""
         g = self._global(device)
-        idx = self._index(active, len(params), device)
+        idx = core.active_index(active, len(params), device)
         init_mode = self.cumulative == "init"
         sharded = stat_reducer(act_params, init_mode)  # DTensor shards: local sums, one packed all-reduce
         reduce, apply = (
@@ -292,7 +248,8 @@ class NuP(torch.optim.Optimizer):
             d_norm = torch.stack(torch._foreach_norm(directions, 2, dtype=torch.float32))
         if bad is not None:  # a sanitized non-finite gradient: skip, even though the base still moved
             d_norm = torch.where(bad, float("nan"), d_norm)
-        eta, ok, coef, u = self._coefficients(d_norm, idx, device)
+        eta, scales, normalize = (core.pick(v, idx) for v in self.rates(device))
+        ok, coef, u = core.coefficients(d_norm, eta, scales, normalize)
         if packed:
             apply(act_params, directions, cumulatives, coef)
             dc = torch.where(ok, dc, 0.0)  # a skipped tensor's ⟨D, C⟩ may be NaN
@@ -303,39 +260,15 @@ class NuP(torch.optim.Optimizer):
             else:
                 safe = [torch.where(o, d, 0.0) for o, d in zip(ok.unbind(), directions)]
             dc = self._dots(safe, act_params, cumulatives, init_mode)
-            c_norm_old = g["c_norm"] if idx is None else g["c_norm"].index_select(0, idx)
+            c_norm_old = core.pick(g["c_norm"], idx)
             coefs = coef.unbind()
             self._addcmul(act_params, safe, coefs)
             if not init_mode:
                 self._addcmul(cumulatives, safe, coefs)
             exact = None
-            if (g["step"] + 1) % self.recompute_every == 0:
-                cs = [p.float() - c.float() for c, p in zip(cumulatives, act_params)] if init_mode else cumulatives
-                exact = torch.stack(torch._foreach_norm(cs, 2, dtype=torch.float32))
-        self._finish_step(g, idx, eta, ok, u, coef * dc, c_norm_old, exact)
-
-    def _finish_step(
-        self,
-        g: dict[str, Any],
-        idx: torch.Tensor | None,
-        eta: torch.Tensor,
-        ok: torch.Tensor,
-        u: torch.Tensor,
-        dot: torch.Tensor,
-        c_norm_old: torch.Tensor,
-        c_norm_exact: torch.Tensor | None,
-    ) -> None:
-        """Cosines, ``‖C‖`` by the identity (or ``c_norm_exact``), the records and the schedule update.
-
-        ``dot`` is ``⟨ΔP_t, C_t⟩`` and ``c_norm_old`` is ``‖C_t‖``, both fp32 ``[k]``.
-        """
-        denom = u * c_norm_old
-        cos = torch.where(denom > 0, dot / torch.where(denom > 0, denom, 1.0), 0.0).clamp(-1.0, 1.0)
-        if c_norm_exact is None:
-            c_norm_exact = (c_norm_old.square() + 2.0 * dot + u.square()).clamp_min(0.0).sqrt()
-        self._record(g, idx, u, cos, c_norm_exact, eta, ok)
-        g["step"] += 1
-        self.schedule.update(g["cos"], g["update_norm"])
+            if core.recompute_due(g, self.recompute_every):
+                exact = core.exact_c_norm(act_params, cumulatives, init_mode)
+        core.finish_step(g, idx, eta, ok, u, coef * dc, c_norm_old, exact, self.schedule)
 
     def _dots(self, safe, params, cumulatives, init_mode) -> torch.Tensor:
         """``⟨D, C_t⟩`` per tensor (fp32), with ``C_t = P − P_0`` in ``init`` mode."""
@@ -355,20 +288,6 @@ class NuP(torch.optim.Optimizer):
         else:
             for t, d, c in zip(targets, tensors, coefs):
                 t.addcmul_(d, c)
-
-    def _record(self, g, idx, u, cos, c_norm, eta, ok) -> None:
-        """Write this step's statistics into the ``[n]`` vectors (``idx``: the tensors that had grads)."""
-        if idx is None:
-            g["update_norm"], g["cos"], g["c_norm"], g["lr"] = u, cos, c_norm, eta
-            g["path"] = g["path"] + u
-            g["skipped"] = g["skipped"] + (~ok).long()
-            return
-        for key, value in (("update_norm", u), ("cos", cos)):  # tensors without a gradient did not move
-            g[key] = torch.zeros_like(g[key]).index_copy_(0, idx, value)
-        for key, value in (("c_norm", c_norm), ("lr", eta)):
-            g[key] = g[key].index_copy(0, idx, value)
-        g["path"] = g["path"].index_add(0, idx, u)
-        g["skipped"] = g["skipped"].index_add(0, idx, (~ok).long())
 
     # ----------------------------------------------------------------------------------------
     # statistics and checkpoints
