@@ -20,6 +20,7 @@ import torch
 from nup import step_core as core
 from nup.distributed import stat_reducer
 from nup.fused import attach_fused
+from nup.norms import direction_norms, unit_direction
 from nup.schedule import ConstantSchedule, MultiplierSchedule
 from nup.step_core import GLOBAL_KEY as _GLOBAL
 from nup_kernels import multi_tensor
@@ -32,6 +33,25 @@ STAT_KEYS = ("update_norm", "cos", "c_norm", "coherence", "lr", "skipped")
 def _host_readable(t: torch.Tensor) -> bool:
     """True for CPU tensors: there is no device queue, so reading a value costs no sync."""
     return t.device.type == "cpu"
+
+
+def _check_group_values(values: dict[str, Any]) -> None:
+    """ValueError for a group's lr, scale or normalize_vectors that no step can use."""
+    lr, scale, normalize = values.get("lr"), values.get("scale"), values.get("normalize_vectors", False)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not (math.isfinite(scale) and scale > 0)):
+        raise ValueError(f"scale must be None or a finite number > 0, got {scale!r}")
+    if not isinstance(normalize, bool):
+        raise ValueError(f"normalize_vectors must be True or False, got {normalize!r}")
+
+
+def _kind(obj: Any) -> str:
+    """A schedule's name or a base optimizer's class name, as stored in checkpoints ("" for none)."""
+    if obj is None:
+        return ""
+    return type(obj).__name__ if isinstance(obj, torch.optim.Optimizer) else str(obj.name)
 
 
 def default_scale(p: torch.Tensor) -> float:
@@ -96,12 +116,11 @@ class NuP(torch.optim.Optimizer):
         scale: float | None = None,
         normalize_vectors: bool = False,
     ) -> None:
-        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
-            raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+        _check_group_values(dict(lr=lr, scale=scale, normalize_vectors=normalize_vectors))
         if cumulative not in CUMULATIVE_MODES:
             raise ValueError(f"cumulative must be one of {CUMULATIVE_MODES}, got {cumulative!r}")
-        if recompute_every < 1:
-            raise ValueError(f"recompute_every must be >= 1, got {recompute_every}")
+        if isinstance(recompute_every, bool) or not isinstance(recompute_every, int) or recompute_every < 1:
+            raise ValueError(f"recompute_every must be an integer >= 1, got {recompute_every!r}")
         groups, names = _split_names(params)
         defaults = dict(lr=float(lr), scale=scale, normalize_vectors=normalize_vectors)
         super().__init__(groups, defaults)
@@ -120,6 +139,11 @@ class NuP(torch.optim.Optimizer):
             if cumulative == "init" and p.dtype != torch.float32:
                 raise ValueError("cumulative='init' stores P_0 and needs fp32 parameters (W − P_0 cancels in 16-bit)")
         self._fused = attach_fused(self) if fused else None
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group``, after checking the group's lr, scale and normalize_vectors."""
+        _check_group_values({**self.defaults, **param_group})
+        super().add_param_group(param_group)
 
     # ----------------------------------------------------------------------------------------
     # bookkeeping
@@ -179,6 +203,9 @@ class NuP(torch.optim.Optimizer):
         if not params:
             return loss
         device = params[0].device
+        if self._is_checkpoint_init_step(params):
+            self._materialize_state(params, device)
+            return loss
         if self._fused is not None:
             self._fused.finish(device)
             return loss
@@ -200,13 +227,38 @@ class NuP(torch.optim.Optimizer):
         self._normalized_step(params, active, act_params, directions, cumulatives, device, bad)
         return loss
 
+    def _is_checkpoint_init_step(self, params: list[torch.Tensor]) -> bool:
+        """The step ``torch.distributed.checkpoint`` takes to build a template of a fresh optimizer's state.
+
+        Recognized as: no step taken yet, every group's lr 0, every parameter with an all-zero
+        gradient. The lr test is on host floats; only then are the gradients read (one sync).
+        """
+        if self.state.get(_GLOBAL, {}).get("step", 0) != 0:
+            return False
+        if any(float(g["lr"]) != 0.0 for g in self.param_groups) or any(p.grad is None for p in params):
+            return False
+        return not any(bool(p.grad.any()) for p in params)
+
+    def _materialize_state(self, params: list[torch.Tensor], device: torch.device) -> None:
+        """Create every state tensor a checkpoint holds (statistics, buffers, λ, the base's state) without
+        taking or counting a step; the base steps on the zero gradients and its move is undone."""
+        self._global(device)
+        for p in params:
+            self._cumulative_buffer(p)
+        self.schedule.materialize(len(params), device)
+        if self.base is not None:
+            old = [p.detach().clone() for p in params]
+            self.base.step()
+            for p, o in zip(params, old):
+                p.copy_(o)
+
     def _sanitize_grads(self, params: list[torch.Tensor]) -> torch.Tensor | None:
         """Zero non-finite gradients before the base step, so the base's state stays finite.
 
         Returns the bool ``[k]`` mask of tensors whose gradient was not finite (their update is
         then skipped), or None when every gradient is known to be finite.
         """
-        finite = torch.isfinite(torch.stack(torch._foreach_norm([p.grad for p in params], 2)))
+        finite = torch.isfinite(direction_norms([p.grad for p in params], _host_readable(params[0])))
         if _host_readable(finite) and bool(finite.all()):
             return None  # every gradient is finite: no pass to make
         for p, f in zip(params, finite.unbind()):
@@ -239,13 +291,15 @@ class NuP(torch.optim.Optimizer):
             if sharded is not None
             else (multi_tensor.multi_tensor_reduce, multi_tensor.multi_tensor_apply)
         )
-        # the kernels keep C; P_0 runs on foreach; sharded tensors take this path with exact ‖C‖
-        packed = sharded is not None or (use_triton(act_params[0]) and not init_mode)
+        # the kernels keep C; P_0 and float64 run on foreach; sharded tensors take this path with exact ‖C‖
+        wide = any(p.dtype == torch.float64 for p in act_params)
+        packed = sharded is not None or (use_triton(act_params[0]) and not init_mode and not wide)
+        host = _host_readable(act_params[0])
         if packed:
             d_sq, dc, c_sq = reduce(directions, cumulatives)
             d_norm = d_sq.sqrt()
         else:
-            d_norm = torch.stack(torch._foreach_norm(directions, 2, dtype=torch.float32))
+            d_norm = direction_norms(directions, host)  # float64: any finite non-zero D gets its step
         if bad is not None:  # a sanitized non-finite gradient: skip, even though the base still moved
             d_norm = torch.where(bad, float("nan"), d_norm)
         eta, scales, normalize = (core.pick(v, idx) for v in self.rates(device))
@@ -255,7 +309,9 @@ class NuP(torch.optim.Optimizer):
             dc = torch.where(ok, dc, 0.0)  # a skipped tensor's ⟨D, C⟩ may be NaN
             c_norm_old, exact = c_sq.sqrt(), None
         else:
-            if _host_readable(ok) and bool(ok.all()):
+            directions = list(directions)
+            ok, coef, u = _representable(directions, ok, coef, u, host)
+            if host and bool(ok.all()):
                 safe = directions  # every direction is finite: nothing to mask
             else:
                 safe = [torch.where(o, d, 0.0) for o, d in zip(ok.unbind(), directions)]
@@ -268,15 +324,16 @@ class NuP(torch.optim.Optimizer):
             exact = None
             if core.recompute_due(g, self.recompute_every):
                 exact = core.exact_c_norm(act_params, cumulatives, init_mode)
-        core.finish_step(g, idx, eta, ok, u, coef * dc, c_norm_old, exact, self.schedule)
+        core.finish_step(g, idx, eta, ok, u.float(), (coef * dc).float(), c_norm_old, exact, self.schedule)
 
     def _dots(self, safe, params, cumulatives, init_mode) -> torch.Tensor:
         """``⟨D, C_t⟩`` per tensor (fp32), with ``C_t = P − P_0`` in ``init`` mode."""
 
         def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            if a.dtype == torch.float32 and b.dtype == torch.float32:
-                return torch.dot(a.reshape(-1), b.reshape(-1))
-            return (a.float() * b.float()).sum()
+            if a.dtype == b.dtype and a.dtype in (torch.float32, torch.float64):
+                return torch.dot(a.reshape(-1), b.reshape(-1)).double()
+            return (a.double() * b.double()).sum() if torch.float64 in (a.dtype, b.dtype) else (
+                (a.float() * b.float()).sum().double())
 
         if init_mode:
             return torch.stack([dot(d, p) - dot(d, c) for d, p, c in zip(safe, params, cumulatives)])
@@ -322,6 +379,7 @@ class NuP(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         g = self.state.setdefault(_GLOBAL, {"step": 0})
         g["schedule"] = self.schedule.state_dict()
+        g["schedule_kind"], g["base_kind"] = _kind(self.schedule), _kind(self.base)
         if self.base is not None:
             g["base"] = self.base.state_dict()
         sd = super().state_dict()
@@ -334,6 +392,7 @@ class NuP(torch.optim.Optimizer):
         groups = [dict(group) for group in state_dict["param_groups"]]
         state = dict(state_dict["state"])
         g = groups[0].pop(_GLOBAL, None) or state.pop(_GLOBAL, {})
+        self._check_checkpoint(groups, g)
         super().load_state_dict({**state_dict, "state": state, "param_groups": groups})
         g = copy.deepcopy(g)  # never share the step count or statistics with the source
         self.state[_GLOBAL] = g
@@ -341,3 +400,53 @@ class NuP(torch.optim.Optimizer):
             self.schedule.load_state_dict(g["schedule"])
         if self.base is not None and "base" in g:
             self.base.load_state_dict(g["base"])
+
+    def _check_checkpoint(self, groups: list[dict[str, Any]], g: dict[str, Any]) -> None:
+        """ValueError (before anything is loaded) for bad group values or a checkpoint of another kind of NuP."""
+        for i, group in enumerate(groups):
+            try:
+                _check_group_values({**self.defaults, **group})
+            except ValueError as err:
+                raise ValueError(f"checkpoint: param group {i}: {err}") from None
+        schedule = g.get("schedule_kind")
+        if schedule is not None and schedule != _kind(self.schedule):
+            raise ValueError(f"checkpoint: saved with schedule {schedule!r}, this NuP has {_kind(self.schedule)!r}; "
+                             "build NuP with the schedule it was saved with")
+        saved_base = g["base_kind"] if "base_kind" in g else "?" if "base" in g else ""  # "?": an older checkpoint
+        if saved_base and self.base is None:
+            raise ValueError(f"checkpoint: saved with base optimizer {saved_base}, this NuP has none; "
+                             f"pass base=torch.optim.{saved_base}(...) over the same parameters")
+        if not saved_base and self.base is not None:
+            raise ValueError(f"checkpoint: saved without a base optimizer, this NuP wraps {_kind(self.base)}; "
+                             "build NuP(..., base=None) to load it")
+        if saved_base not in ("", "?", _kind(self.base)):
+            raise ValueError(f"checkpoint: saved with base optimizer {saved_base}, this NuP wraps "
+                             f"{_kind(self.base)}; build NuP with the base it was saved with")
+
+
+def _representable(
+    directions: list[torch.Tensor], ok: torch.Tensor, coef: torch.Tensor, u: torch.Tensor, host: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Make ``coef·D`` computable in the apply's arithmetic (fp32, or float64 for float64 tensors).
+
+    A coefficient outside that arithmetic's normal range (``‖D‖`` below about 1e-38·u or above
+    about 1e38·u) is replaced, on CPU, by ``−u`` on the unit direction (written into
+    ``directions``); elsewhere (no host read without a sync) that tensor is skipped instead.
+    """
+    kinds = [torch.float64 if d.dtype == torch.float64 else torch.float32 for d in directions]
+    if len(set(kinds)) == 1:
+        tiny, huge = torch.finfo(kinds[0]).tiny, torch.finfo(kinds[0]).max
+    else:
+        tiny, huge = (torch.tensor([getattr(torch.finfo(k), a) for k in kinds], dtype=torch.float64,
+                                   device=coef.device) for a in ("tiny", "max"))
+    fits = (coef == 0) | ((coef.abs() >= tiny) & (coef.abs() <= huge))
+    if not host:
+        ok = ok & fits
+        return ok, torch.where(ok, coef, -0.0), torch.where(ok, u, 0.0)
+    if bool(fits.all()):
+        return ok, coef, u
+    coef = coef.clone()
+    for i in torch.nonzero(ok & ~fits).flatten().tolist():
+        directions[i] = unit_direction(directions[i])
+        coef[i] = -u[i]
+    return ok, coef, u

@@ -8,11 +8,16 @@ Nothing here syncs with the host. The optimizer-wide state ``g`` lives in ``opt.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from nup.norms import direction_norms
+
+MAX_STEP = math.sqrt(torch.finfo(torch.float32).max)
+"""Largest step norm ``u`` taken: ``u²`` must stay finite in the fp32 ‖C‖ identity (about 1.8e19)."""
 GLOBAL_KEY = "nup"  # key of the optimizer-wide entry in opt.state
 STAT_VECTORS = ("update_norm", "cos", "c_norm", "path", "lr", "skipped")
 
@@ -61,12 +66,15 @@ def coefficients(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """From ``‖D‖`` and the rates (all ``[k]``): the ok mask, ``coef`` with ``ΔP = coef·D``, and ``u = ‖ΔP‖``.
 
-    Normalized tensors step by ``u = η·s``, the others (``normalize`` False) by ``u = η·‖D‖``. A
-    tensor whose ``‖D‖`` is 0 or not finite gets ``coef = −0.0`` (``P + coef·0`` keeps every bit
-    of P) and ``u = 0``.
+    Computed in ``d_norm``'s dtype (float64 on the reference path). Normalized tensors step by
+    ``u = η·s``, the others (``normalize`` False) by ``u = η·‖D‖``. A tensor is skipped
+    (``coef = −0.0``, so ``P + coef·0`` keeps every bit of P, and ``u = 0``) when its ``‖D‖`` is 0
+    or not finite, or its ``u`` is NaN, negative or at least :data:`MAX_STEP` (a group lr or λ
+    that is NaN, negative or overflowing): checked on device, with no host sync.
     """
-    ok = torch.isfinite(d_norm) & (d_norm > 0)
+    eta, scales = eta.to(d_norm.dtype), scales.to(d_norm.dtype)
     step_size = torch.where(normalize, eta * scales, eta * d_norm)  # u when ok
+    ok = torch.isfinite(d_norm) & (d_norm > 0) & (step_size >= 0) & (step_size < MAX_STEP)
     coef = torch.where(ok, -step_size / torch.where(ok, d_norm, 1.0), -0.0)
     return ok, coef, torch.where(ok, step_size, 0.0)
 
@@ -81,7 +89,7 @@ def exact_c_norm(
 ) -> torch.Tensor:
     """``‖C‖`` per tensor (fp32 ``[k]``) read from the buffers, with ``C = P − P_0`` in init mode."""
     cs = [p.float() - c.float() for p, c in zip(params, cumulatives)] if init_mode else list(cumulatives)
-    return torch.stack(torch._foreach_norm(cs, 2, dtype=torch.float32))
+    return direction_norms(cs, host_readable=False).float()  # every 100 steps: no host read needed
 
 
 def finish_step(
