@@ -83,9 +83,13 @@ def test_float64_on_the_multi_tensor_path(monkeypatch):
 
 def test_fused_float64_skip_is_bit_identical():
     model = NuMLP(8, 3, 3, 2).double()
+    with torch.no_grad():
+        for p in model.parameters():  # float64 values that fp32 cannot hold
+            p.copy_(torch.randn(p.shape, dtype=torch.float64))
     opt = NuP(model.named_parameters(), lr=0.1, fused=True)
     _backward(model, torch.float64)
     opt.step()
+    assert all(not torch.equal(p, p.float().double()) for p in model.parameters())  # updated in float64
     before = [p.detach().clone() for p in model.parameters()]
     x, _ = _batch(torch.float64)
     x[0, 0] = float("nan")
