@@ -231,13 +231,19 @@ class NuP(torch.optim.Optimizer):
         """The step ``torch.distributed.checkpoint`` takes to build a template of a fresh optimizer's state.
 
         Recognized as: no step taken yet, every group's lr 0, every parameter with an all-zero
-        gradient. The lr test is on host floats; only then are the gradients read (one sync).
+        gradient. The lr test is on host floats; only then are the gradients read (one sync, and
+        for DTensor shards one all-reduce, so that every rank decides alike).
         """
         if self.state.get(_GLOBAL, {}).get("step", 0) != 0:
             return False
         if any(float(g["lr"]) != 0.0 for g in self.param_groups) or any(p.grad is None for p in params):
             return False
-        return not any(bool(p.grad.any()) for p in params)
+        grads = [p.grad for p in params]
+        local = _local_shards(grads)
+        nonzero = torch.stack([g.any() for g in local]).any().to(torch.int32)
+        if any(a is not b for a, b in zip(grads, local)):
+            torch.distributed.all_reduce(nonzero, op=torch.distributed.ReduceOp.MAX)
+        return not bool(nonzero)
 
     def _materialize_state(self, params: list[torch.Tensor], device: torch.device) -> None:
         """Create every state tensor a checkpoint holds (statistics, buffers, λ, the base's state) without
@@ -422,6 +428,15 @@ class NuP(torch.optim.Optimizer):
         if saved_base not in ("", "?", _kind(self.base)):
             raise ValueError(f"checkpoint: saved with base optimizer {saved_base}, this NuP wraps "
                              f"{_kind(self.base)}; build NuP with the base it was saved with")
+
+
+def _local_shards(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each DTensor's local shard; plain tensors as they are."""
+    if not torch.distributed.is_available():
+        return ts
+    from torch.distributed.tensor import DTensor
+
+    return [t.to_local() if isinstance(t, DTensor) else t for t in ts]
 
 
 def _representable(

@@ -306,3 +306,24 @@ def test_load_refuses_a_checkpoint_with_another_base():
         NuP(model.named_parameters(), lr=0.1).load_state_dict(sd)
 
 
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_dcp_init_step_on_fsdp2_shards_is_not_counted(tmp_path):
+    """One gloo process: parameters and gradients are DTensors; the ranks' decision is all-reduced."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    from nup.distributed import fully_shard_model
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = fully_shard_model(NuMLP(8, 3, 3, 2))
+        opt = NuP(model.named_parameters(), lr=0.1, schedule=GeometryAwareLR())
+        state = get_optimizer_state_dict(model, opt)
+        assert opt.stat_vectors()["step"] == 0 and opt.schedule.steps_done == 0
+        assert "lam" in state["param_groups"][0]["nup"]["schedule"]
+        assert len(state["state"]) == 3  # a cumulative buffer per tensor
+    finally:
+        dist.destroy_process_group()
