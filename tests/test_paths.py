@@ -159,3 +159,19 @@ def test_report_does_not_write_through_planted_links(tmp_path):
         os.symlink(target, run_dir / name)
     report.write_report(run_dir)
     assert target.read_text() == "keep me"
+
+
+# ---- nup bench ----------------------------------------------------------------------------------
+def test_bench_results_do_not_write_through_planted_links(tmp_path):
+    from nup import bench
+
+    out, target = tmp_path / "out", tmp_path / "precious"
+    out.mkdir()
+    target.write_text("keep me")
+    names = ("results.json", "results.csv", "results.md", "results.png", "pytest-benchmark.json")
+    for name in names:
+        os.symlink(target, out / name)
+    result = bench.summarize({"benchmarks": []}, [], suite="kernels", quick=True, command=[])
+    bench.write_results(result, out, {"benchmarks": []})
+    assert target.read_text() == "keep me"
+    assert not any((out / name).is_symlink() for name in names) and (out / "results.csv").read_text()
