@@ -203,6 +203,16 @@ def test_finite_extreme_directions_take_their_step(dtype, value):
     assert opt.stat_vectors()["update_norm"].item() == pytest.approx(1.0, rel=1e-6)
 
 
+@pytest.mark.parametrize("value", [1e19, 3e38, 1e-30])
+def test_wrapper_mode_does_not_mistake_an_extreme_gradient_for_a_non_finite_one(value):
+    p = torch.nn.Parameter(torch.zeros(4, 3))
+    opt = NuP([p], lr=0.5, scale=2.0, base=torch.optim.SGD([p], lr=1.0))
+    p.grad = torch.full((4, 3), value)
+    opt.step()
+    assert opt.stat_vectors()["skipped"].item() == 0
+    torch.testing.assert_close(p.detach(), torch.full((4, 3), -1.0 / math.sqrt(12)), rtol=1e-6, atol=0)
+
+
 def test_zero_and_non_finite_directions_are_still_skipped():
     p = torch.nn.Parameter(torch.ones(3, 3))
     opt = NuP([p], lr=0.5)
