@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-import nup.train
 from nup import cli, report
 from nup import sweep as nsweep
 from nup.io import write_json_atomic
@@ -145,16 +144,12 @@ def test_report_refuses_a_malformed_sweep_json(tmp_path, capsys):
 
 
 # ---- failure 12 (report half): raw HTML in names ----------------------------------------------
-def test_report_markdown_escapes_raw_html(tmp_path, monkeypatch):
-    def run_training(config, out_dir, progress=True):
-        summary = {"status": "ok", "train_loss": 1.0}
-        write_json_atomic(Path(out_dir) / "summary.json", summary)
-        return summary
-
-    monkeypatch.setattr(nup.train, "run_training", run_training)
-    cfg = tmp_path / "cfg.toml"
-    cfg.write_text('name = "<img src=x onerror=alert(1)>"\n[grid]\ndepth = [3, 4]\n')
-    nsweep.run_sweep(nsweep.load_sweep(cfg), tmp_path / "s", progress=False)
-    md_path, html_path = report.write_report(tmp_path / "s")
-    for text in (md_path.read_text(), html_path.read_text()):
-        assert "<img" not in text and "&lt;img src=x onerror=alert(1)&gt;" in text
+def test_report_markdown_escapes_raw_html(tmp_path):
+    name = "<img src=x onerror=alert(1)>"
+    escaped = "&lt;img src=x onerror=alert(1)&gt;"
+    write_json_atomic(tmp_path / "sweep.json", {"name": name, "grid": {"depth": [3, 4]}})
+    (tmp_path / "results.csv").write_text(f"run_id,depth,status\nr1,3,pending\nr2,{name},pending\n")
+    md_path, html_path = report.write_report(tmp_path)
+    md, page = md_path.read_text(), html_path.read_text()
+    assert "<img" not in md and f"# Sweep {escaped}\n" in md and f"| r2 | {escaped} | pending |" in md
+    assert "<img" not in page and f"<h1>Sweep {escaped}</h1>" in page
