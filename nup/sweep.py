@@ -218,7 +218,8 @@ def expand_grid(sweep: Sweep) -> list[RunSpec]:
     seen: dict[str, str] = {}
     for values in itertools.product(*sweep.grid.values()):
         point = dict(zip(keys, values, strict=True))
-        where = "grid point " + ", ".join(f"{k}={v!r}" for k, v in point.items())
+        point_text = "grid point " + ", ".join(f"{k}={v!r}" for k, v in point.items())
+        where = f"{sweep.source}: {point_text}" if sweep.source else point_text
         params = {k: _coerce(v, hints[k]) for k, v in {**sweep.base, **point}.items()}
         try:
             config = TrainConfig(**params)
@@ -231,7 +232,7 @@ def expand_grid(sweep: Sweep) -> list[RunSpec]:
         run_id = make_run_id(config, varying)
         if run_id in seen:
             raise ValueError(f"{where}: duplicate grid point (the same config as {seen[run_id]})")
-        seen[run_id] = where
+        seen[run_id] = point_text
         specs.append(RunSpec(run_id=run_id, params=point, config=config))
     return specs
 
