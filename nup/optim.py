@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from nup import step_core as core
+from nup.distributed import _local as _local_shards  # each DTensor's local shard
 from nup.distributed import stat_reducer
 from nup.fused import attach_fused
 from nup.norms import direction_norms, unit_direction
@@ -428,15 +429,6 @@ class NuP(torch.optim.Optimizer):
         if saved_base not in ("", "?", _kind(self.base)):
             raise ValueError(f"checkpoint: saved with base optimizer {saved_base}, this NuP wraps "
                              f"{_kind(self.base)}; build NuP with the base it was saved with")
-
-
-def _local_shards(ts: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Each DTensor's local shard; plain tensors as they are."""
-    if not torch.distributed.is_available():
-        return ts
-    from torch.distributed.tensor import DTensor
-
-    return [t.to_local() if isinstance(t, DTensor) else t for t in ts]
 
 
 def _representable(
