@@ -270,6 +270,15 @@ def test_dcp_load_into_a_fresh_optimizer_resumes_exactly(tmp_path, kind):
     assert torch.equal(opt.stat_vectors()["c_norm"], fresh.stat_vectors()["c_norm"])
 
 
+def test_a_first_step_at_lr_zero_with_real_gradients_is_counted():
+    """A warm-up scheduler may start at lr 0: only all-zero gradients make it DCP's initialization."""
+    model = NuMLP(8, 3, 3, 2)
+    opt = NuP(model.named_parameters(), lr=0.0)
+    _backward(model)
+    opt.step()
+    assert opt.stat_vectors()["step"] == 1
+
+
 def test_a_real_zero_gradient_step_at_lr_zero_after_training_is_counted():
     model = NuMLP(8, 3, 3, 2)
     opt = NuP(model.named_parameters(), lr=0.1)
