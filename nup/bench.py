@@ -17,7 +17,9 @@ import argparse
 import csv
 import datetime
 import importlib.util
+import io
 import json
+import math
 import os
 import re
 import subprocess
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from nup.cli import CLIError
+from nup.io import write_bytes_atomic, write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 SUITES = {"kernels": ("bench_kernels.py",), "steps": ("bench_steps.py",)}
@@ -95,6 +98,8 @@ def main(args: argparse.Namespace) -> int:
         raise CLIError("pytest-benchmark is not installed; install the dev extra: pip install -e '.[dev]'")
     if args.threads is not None and args.threads < 1:
         raise CLIError(f"--threads must be >= 1, got {args.threads}")
+    if args.budget is not None and not (math.isfinite(args.budget) and args.budget > 0):
+        raise CLIError(f"--budget must be a positive number of seconds, got {args.budget}")
     bench_dir = REPO / "benchmarks"
     files = [bench_dir / f for f in SUITES[args.suite]]
     missing = [str(f) for f in files if not f.exists()]
@@ -233,13 +238,14 @@ def count_launches(providers: list[str]) -> dict[str, dict[str, float]] | str:
 def write_results(result: dict[str, Any], out: Path, raw: dict) -> None:
     """``results.{json,csv,md,png}`` and pytest-benchmark's raw ``pytest-benchmark.json`` under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "pytest-benchmark.json").write_text(json.dumps(raw, indent=1) + "\n")
-    with open(out / "results.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(result["records"])
-    (out / "results.md").write_text(markdown(result))
+    write_text_atomic(out / "results.json", json.dumps(result, indent=1) + "\n")  # atomic: never through a link
+    write_text_atomic(out / "pytest-benchmark.json", json.dumps(raw, indent=1) + "\n")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(result["records"])
+    write_text_atomic(out / "results.csv", buf.getvalue())
+    write_text_atomic(out / "results.md", markdown(result))
     plot_ratios(result["records"], out / "results.png", STEP_TARGETS.get(result["machine"].get("device")),
                 quick=result["quick"])
 
@@ -405,4 +411,6 @@ def plot_ratios(records: list[dict], path: Path, step_target: float | None = Non
                      + (" — QUICK MODE, not a measurement" if quick else ""))
         ax.legend(fontsize=8, loc="upper center", ncol=len(providers) + 1)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, dpi=110, format="png")
+    write_bytes_atomic(path, png.getvalue())

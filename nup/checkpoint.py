@@ -4,7 +4,7 @@
 includes its schedule's and its base optimizer's), torch's CPU and CUDA RNG states, the length of
 ``metrics.jsonl`` at that step and the run's config. The data order needs no state: it is a
 function of the seed and the step (:func:`nup.data.batches` with ``skip``). The file is written
-atomically (:func:`nup.io.write_atomic`), so a run killed at any moment leaves the previous
+atomically (:func:`nup.io.write_bytes_atomic`), so a run killed at any moment leaves the previous
 checkpoint or the new one, and it is removed when the run finishes.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from nup.io import write_atomic
+from nup.io import write_bytes_atomic
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = 1
@@ -38,7 +38,7 @@ def save_checkpoint(path: str | Path, *, step: int, model: torch.nn.Module, opti
     }
     buf = io.BytesIO()
     torch.save(state, buf)
-    write_atomic(path, lambda fh: fh.write(buf.getbuffer()))
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def load_checkpoint(path: str | Path, config: dict[str, Any], device: torch.device) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from torch import nn
 from nup import step_core as core
 from nup.distributed import _local, stat_reducer
 from nup.fused import attach_fused
+from nup.norms import direction_norms, unit_direction
 from nup.scales import Overrides, check_overrides, resolve_scale, tag_layouts
 from nup.scales import default_scale as default_scale  # re-exported: nup.optim.default_scale
 from nup.schedule import ConstantSchedule, MultiplierSchedule
@@ -49,6 +50,32 @@ PASS_THROUGH = ("momentum", "betas")  # group keys copied to the base's groups b
 def _host_readable(t: torch.Tensor) -> bool:
     """True for CPU tensors: there is no device queue, so reading a value costs no sync."""
     return t.device.type == "cpu"
+
+
+def _check_group_values(values: dict[str, Any]) -> None:
+    """ValueError for a group's lr, weight_decay, scale or normalize_vectors that no step can use."""
+    lr, scale, normalize = values.get("lr"), values.get("scale"), values.get("normalize_vectors", False)
+    if torch.is_tensor(lr):
+        _check_lr(lr)
+    elif isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+    wd = values.get("weight_decay", 0.0)
+    if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not (math.isfinite(wd) and wd >= 0):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {wd!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not (math.isfinite(scale) and scale > 0)):
+        raise ValueError(f"scale must be None or a finite number > 0, got {scale!r}")
+    if not isinstance(normalize, bool):
+        raise ValueError(f"normalize_vectors must be True or False, got {normalize!r}")
+
+
+def _kind(obj: Any) -> str:
+    """A schedule's name or the base optimizers' class names, as stored in checkpoints ("" for none)."""
+    if obj is None:
+        return ""
+    if isinstance(obj, (list, tuple)):
+        return ",".join(type(b).__name__ for b in obj)
+    return type(obj).__name__ if isinstance(obj, torch.optim.Optimizer) else str(obj.name)
 
 
 def _groups(params: Any, has_base: bool) -> list[dict[str, Any]]:
@@ -144,13 +171,12 @@ class NuP(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         scales: Overrides | None = None,
     ) -> None:
+        _check_group_values(dict(lr=lr, scale=scale, normalize_vectors=normalize_vectors, weight_decay=weight_decay))
         lr = _check_lr(lr)
-        if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
-            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
         if cumulative not in CUMULATIVE_MODES:
             raise ValueError(f"cumulative must be one of {CUMULATIVE_MODES}, got {cumulative!r}")
-        if recompute_every < 1:
-            raise ValueError(f"recompute_every must be >= 1, got {recompute_every}")
+        if isinstance(recompute_every, bool) or not isinstance(recompute_every, int) or recompute_every < 1:
+            raise ValueError(f"recompute_every must be an integer >= 1, got {recompute_every!r}")
         groups = _groups(params, base is not None)
         bases = [] if base is None else [base] if isinstance(base, torch.optim.Optimizer) else list(base)
         momentum = {k: v for b in bases for k, v in b.defaults.items() if k in PASS_THROUGH}
@@ -208,6 +234,7 @@ class NuP(torch.optim.Optimizer):
         Tensors the base does not hold yet are added to it as one group (with this group's
         ``momentum``/``betas``); with several bases, add them to the right base first.
         """
+        _check_group_values({**self.defaults, **param_group})
         param_group = dict(param_group)
         items = param_group["params"]
         param_group["params"] = [items] if torch.is_tensor(items) else list(items)
@@ -307,6 +334,9 @@ class NuP(torch.optim.Optimizer):
         if not params:
             return loss
         device = params[0].device
+        if self._is_checkpoint_init_step(params):
+            self._materialize_state(params, device)
+            return loss
         if self._fused is not None:
             self._fused.finish(device)
             return loss
@@ -324,6 +354,38 @@ class NuP(torch.optim.Optimizer):
         directions = [p.grad for p in act_params]
         self._normalized_step(params, active, act_params, directions, cumulatives, device)
         return loss
+
+    def _is_checkpoint_init_step(self, params: list[torch.Tensor]) -> bool:
+        """The step ``torch.distributed.checkpoint`` takes to build a template of a fresh optimizer's state.
+
+        Recognized as: no step taken yet, every group's lr 0, every parameter with an all-zero
+        gradient. The lr test is on host floats; only then are the gradients read (one sync, and
+        for DTensor shards one all-reduce, so that every rank decides alike).
+        """
+        if self.state.get(_GLOBAL, {}).get("step", 0) != 0:
+            return False
+        if any(float(g["lr"]) != 0.0 for g in self.param_groups) or any(p.grad is None for p in params):
+            return False
+        grads = [p.grad for p in params]
+        local = _local(grads)
+        nonzero = torch.stack([g.any() for g in local]).any().to(torch.int32)
+        if any(a is not b for a, b in zip(grads, local)):
+            torch.distributed.all_reduce(nonzero, op=torch.distributed.ReduceOp.MAX)
+        return not bool(nonzero)
+
+    def _materialize_state(self, params: list[torch.Tensor], device: torch.device) -> None:
+        """Create every state tensor a checkpoint holds (statistics, buffers, λ, the base's state) without
+        taking or counting a step; the base steps on the zero gradients and its move is undone."""
+        self._global(device)
+        for p in params:
+            self._cumulative_buffer(p)
+        self.schedule.materialize(len(params), device)
+        if self.bases:
+            old = [p.detach().clone() for p in params]
+            for base in self.bases:
+                base.step()
+            for p, o in zip(params, old):
+                p.copy_(o)
 
     def _wrapper_step(
         self, params: list[torch.Tensor], active: list[int], act_params: list[torch.Tensor], device: torch.device
@@ -368,7 +430,14 @@ class NuP(torch.optim.Optimizer):
         old = self._wrapper_scratch(act_params)
         torch._foreach_copy_(old, [p.detach() for p in act_params])
         self._base_step(None)
-        d_norm = torch.tensor([math.sqrt(cpu.dist_sq(o, p)) for o, p in zip(old, act_params)], dtype=torch.float32)
+        d_sq = [cpu.dist_sq(o, p) for o, p in zip(old, act_params)]
+        if any(v != 0.0 and not 1e-24 < v < 1e24 for v in d_sq):  # extreme but finite: the general path takes it
+            directions = [o - p.detach() for o, p in zip(old, act_params)]
+            for p, o in zip(act_params, old):
+                p.detach().copy_(o)
+            self._normalized_step(params, active, act_params, directions, cumulatives, device)
+            return
+        d_norm = torch.tensor([math.sqrt(v) for v in d_sq], dtype=torch.float32)
         g = self._global(device)
         idx = core.active_index(active, len(params), device)
         eta, scales, normalize = (core.pick(v, idx) for v in self.rates(device))
@@ -416,7 +485,7 @@ class NuP(torch.optim.Optimizer):
     def _found_non_finite(grads: list[torch.Tensor]) -> torch.Tensor:
         """0-dim bool: some gradient holds NaN or Inf (on DTensor shards: on any rank)."""
         local = _stored(grads)
-        found = ~torch.isfinite(torch.stack(torch._foreach_norm(local, 2, dtype=torch.float32))).all()
+        found = ~torch.stack([torch.isfinite(n) for n in torch._foreach_norm(local, math.inf)]).all()  # max|g|
         if any(g is not t for g, t in zip(grads, _local(grads))) and torch.distributed.is_initialized():
             flag = found.to(torch.float32)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # every rank agrees
@@ -498,13 +567,15 @@ class NuP(torch.optim.Optimizer):
             if sharded is not None
             else (multi_tensor.multi_tensor_reduce, multi_tensor.multi_tensor_apply)
         )
-        # the kernels keep C; P_0 runs on foreach; sharded tensors take this path with exact ‖C‖
-        packed = sharded is not None or (use_triton(act_params[0]) and not init_mode)
+        # the kernels keep C; P_0 and float64 run on foreach; sharded tensors take this path with exact ‖C‖
+        wide = any(p.dtype == torch.float64 for p in act_params)
+        packed = sharded is not None or (use_triton(act_params[0]) and not init_mode and not wide)
+        host = _host_readable(act_params[0]) and not torch.compiler.is_compiling()  # no host reads in a graph
         if packed:
             d_sq, dc, c_sq = reduce(directions, cumulatives)
             d_norm = d_sq.sqrt()
         else:
-            d_norm = torch.stack(torch._foreach_norm(directions, 2, dtype=torch.float32))
+            d_norm = direction_norms(directions, host)  # float64: any finite non-zero D gets its step
         if bad is not None:  # a sanitized non-finite gradient: skip, even though the base still moved
             d_norm = torch.where(bad, float("nan"), d_norm)
         eta, scales, normalize = (core.pick(v, idx) for v in self.rates(device))
@@ -515,6 +586,8 @@ class NuP(torch.optim.Optimizer):
             dc = torch.where(ok, dc, 0.0)  # a skipped tensor's ⟨D, C⟩ may be NaN
             c_norm_old, exact = c_sq.sqrt(), None
         else:
+            directions = list(directions)
+            ok, coef, u = _representable(directions, ok, coef, u, host)
             c_norm_old = core.pick(g["c_norm"], idx)
             if _host_readable(ok) and not torch.compiler.is_compiling():
                 # eager CPU: coefficients are free to read; one loop per tensor updates P and C and
@@ -533,15 +606,16 @@ class NuP(torch.optim.Optimizer):
             exact = None
             if core.recompute_due(g, self.recompute_every):
                 exact = core.exact_c_norm(act_params, cumulatives, init_mode)
-        core.finish_step(g, idx, eta, ok, u, coef * dc, c_norm_old, exact, self.schedule)
+        core.finish_step(g, idx, eta, ok, u.float(), (coef * dc).float(), c_norm_old, exact, self.schedule)
 
     def _dots(self, safe, params, cumulatives, init_mode) -> torch.Tensor:
         """``⟨D, C_t⟩`` per tensor (fp32), with ``C_t = P − P_0`` in ``init`` mode."""
 
         def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            if a.dtype == torch.float32 and b.dtype == torch.float32:
-                return torch.dot(a.reshape(-1), b.reshape(-1))
-            return (a.float() * b.float()).sum()
+            if a.dtype == b.dtype and a.dtype in (torch.float32, torch.float64):
+                return torch.dot(a.reshape(-1), b.reshape(-1)).double()
+            return (a.double() * b.double()).sum() if torch.float64 in (a.dtype, b.dtype) else (
+                (a.float() * b.float()).sum().double())
 
         if init_mode:
             return torch.stack([dot(d, p) - dot(d, c) for d, p, c in zip(safe, params, cumulatives)])
@@ -607,6 +681,7 @@ class NuP(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         g = self.state.setdefault(_GLOBAL, {"step": 0})
         g["schedule"] = self.schedule.state_dict()
+        g["schedule_kind"], g["base_kind"] = _kind(self.schedule), _kind(self.bases or None)
         if self.bases:
             g["base"] = [b.state_dict() for b in self.bases] if len(self.bases) > 1 else self.bases[0].state_dict()
         sd = super().state_dict()
@@ -619,6 +694,7 @@ class NuP(torch.optim.Optimizer):
         groups = [dict(group) for group in state_dict["param_groups"]]
         state = dict(state_dict["state"])
         g = groups[0].pop(_GLOBAL, None) or state.pop(_GLOBAL, {})
+        self._check_checkpoint(groups, g)
         super().load_state_dict({**state_dict, "state": state, "param_groups": groups})
         for group in self.param_groups:  # a state dict from before a group setting existed
             for key, value in self.defaults.items():
@@ -643,3 +719,53 @@ class NuP(torch.optim.Optimizer):
         extra = [f"base: {bases}", f"schedule: {_describe(self.schedule)}",
                  f"tensors: {len(self._params())}, cumulative: {self.cumulative}, fused: {self.fused}"]
         return "\n".join([lines[0], *extra, *lines[1:]])
+
+    def _check_checkpoint(self, groups: list[dict[str, Any]], g: dict[str, Any]) -> None:
+        """ValueError (before anything is loaded) for bad group values or a checkpoint of another kind of NuP."""
+        for i, group in enumerate(groups):
+            try:
+                _check_group_values({**self.defaults, **group})
+            except ValueError as err:
+                raise ValueError(f"checkpoint: param group {i}: {err}") from None
+        schedule = g.get("schedule_kind")
+        if schedule is not None and schedule != _kind(self.schedule):
+            raise ValueError(f"checkpoint: saved with schedule {schedule!r}, this NuP has {_kind(self.schedule)!r}; "
+                             "build NuP with the schedule it was saved with")
+        saved_base = g["base_kind"] if "base_kind" in g else "?" if "base" in g else ""  # "?": an older checkpoint
+        if saved_base and not self.bases:
+            raise ValueError(f"checkpoint: saved with base optimizer {saved_base}, this NuP has none; "
+                             f"pass base=torch.optim.{saved_base}(...) over the same parameters")
+        if not saved_base and self.bases:
+            raise ValueError(f"checkpoint: saved without a base optimizer, this NuP wraps {_kind(self.bases or None)}; "
+                             "build NuP(..., base=None) to load it")
+        if saved_base not in ("", "?", _kind(self.bases or None)):
+            raise ValueError(f"checkpoint: saved with base optimizer {saved_base}, this NuP wraps "
+                             f"{_kind(self.bases or None)}; build NuP with the base it was saved with")
+
+
+def _representable(
+    directions: list[torch.Tensor], ok: torch.Tensor, coef: torch.Tensor, u: torch.Tensor, host: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Make ``coef·D`` computable in the apply's arithmetic (fp32, or float64 for float64 tensors).
+
+    A coefficient outside that arithmetic's normal range (``‖D‖`` below about 1e-38·u or above
+    about 1e38·u) is replaced, on CPU, by ``−u`` on the unit direction (written into
+    ``directions``); elsewhere (no host read without a sync) that tensor is skipped instead.
+    """
+    kinds = [torch.float64 if d.dtype == torch.float64 else torch.float32 for d in directions]
+    if len(set(kinds)) == 1:
+        tiny, huge = torch.finfo(kinds[0]).tiny, torch.finfo(kinds[0]).max
+    else:
+        tiny, huge = (torch.tensor([getattr(torch.finfo(k), a) for k in kinds], dtype=torch.float64,
+                                   device=coef.device) for a in ("tiny", "max"))
+    fits = (coef == 0) | ((coef.abs() >= tiny) & (coef.abs() <= huge))
+    if not host:
+        ok = ok & fits
+        return ok, torch.where(ok, coef, -0.0), torch.where(ok, u, 0.0)
+    if bool(fits.all()):
+        return ok, coef, u
+    coef = coef.clone()
+    for i in torch.nonzero(ok & ~fits).flatten().tolist():
+        directions[i] = unit_direction(directions[i])
+        coef[i] = -u[i]
+    return ok, coef, u

@@ -8,6 +8,7 @@ directory (the report module reuses these functions).
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from nup.io import write_bytes_atomic
 
 PLOT_FILES = {  # in reading order: the loss first
     "loss": "loss.png",
@@ -37,8 +40,9 @@ def _figure(width: float = 6.4, height: float = 4.0) -> Figure:
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
-    path = Path(path)
-    fig.savefig(path, format="png")
+    path, buf = Path(path), io.BytesIO()
+    fig.savefig(buf, format="png")
+    write_bytes_atomic(path, buf.getvalue())  # replaces a planted symlink instead of writing through it
     return path
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import base64
 import html
-import json
+import io
 import math
 import os
 from collections import defaultdict
@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import quote
 
 from nup.cli import CLIError
-from nup.io import write_text_atomic
+from nup.io import inside, read_bytes_no_follow, read_json_object, write_bytes_atomic, write_text_atomic
 from nup.plots import PLOT_FILES, load_metrics
 from nup.sweep import METRICS, read_results
 
@@ -88,13 +88,19 @@ def _sort_key(text: str) -> tuple[int, float, str]:
 
 
 def _figures(directory: Path, exclude: Sequence[str] = ()) -> list[Block]:
-    """The PNGs of ``directory``: a run's in reading order (:data:`nup.plots.PLOT_FILES`, loss first), then the rest."""
+    """The PNGs of ``directory`` as figures: a run's in reading order (:data:`nup.plots.PLOT_FILES`, loss
+    first), then the rest; symlinks are listed as skipped, never read."""
     order = list(PLOT_FILES.values())
     pngs = sorted((p for p in directory.glob("*.png") if p.name not in exclude),
                   key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name))
     if not pngs:
         return []
-    return [Heading("Figures"), *(Figure(p, p.stem.replace("_", " ")) for p in pngs)]
+    links = [p.name for p in pngs if p.is_symlink()]
+    files = [p for p in pngs if not p.is_symlink()]
+    blocks: list[Block] = [Heading("Figures"), *(Figure(p, p.stem.replace("_", " ")) for p in files)]
+    if links:
+        blocks.append(Paragraph(f"Skipped {', '.join(links)}: a symbolic link (a report embeds regular files only)."))
+    return blocks
 
 
 def layer_table(run_dir: Path, tail: float = 0.1) -> list[Block]:
@@ -106,7 +112,7 @@ def layer_table(run_dir: Path, tail: float = 0.1) -> list[Block]:
     records = [r for r in load_metrics(path) if "cos" in r]
     if not records:
         return []
-    names = json.loads((run_dir / "summary.json").read_text(encoding="utf-8")).get("names")
+    names = read_json_object(run_dir / "summary.json").get("names")
     last, window = records[-1], records[-max(1, math.ceil(tail * len(records))):]
     rows = []
     for i in range(len(last["cos"])):
@@ -122,10 +128,10 @@ def layer_table(run_dir: Path, tail: float = 0.1) -> list[Block]:
 def run_blocks(run_dir: Path) -> list[Block]:
     """A run directory's report, in reading order: status, final metrics, the figures (loss first),
     the per-layer table at the end of training, the configuration and the other summary entries."""
-    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    summary = read_json_object(run_dir / "summary.json")
     config, config_path = summary.get("config"), run_dir / "config.json"  # config.json: written by nup sweep
     if config is None and config_path.is_file():
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config = read_json_object(config_path)
     status = summary.get("status", "ok")
     if status == "diverged":
         status = f"diverged at step {summary.get('diverged_at_step')}"
@@ -155,7 +161,7 @@ def _plot_loss_vs_lr(rows: list[dict[str, str]], curve_keys: list[str], path: Pa
     losses: dict[str, dict[tuple[str, ...], dict[float, list[float]]]] = defaultdict(
         lambda: defaultdict(lambda: defaultdict(list)))
     for row in rows:
-        loss, lr = _number(row["train_loss"]), _number(row["lr"])
+        loss, lr = _number(row.get("train_loss")), _number(row["lr"])
         if loss is not None and lr is not None and math.isfinite(loss):
             losses[row.get("parameterization", "")][tuple(row[k] for k in curve_keys)][lr].append(loss)
     if not losses:
@@ -180,7 +186,9 @@ def _plot_loss_vs_lr(rows: list[dict[str, str]], curve_keys: list[str], path: Pa
         ax.set_title(panel or "all runs")
         if curve_keys:
             ax.legend(fontsize="small")
-    fig.savefig(path, format="png")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    write_bytes_atomic(path, buf.getvalue())
     return True
 
 
@@ -189,7 +197,7 @@ def _best_lr(rows: list[dict[str, str]], group_keys: list[str]) -> list[list[Any
     when that lr is the smallest or largest tried (the optimum may lie beyond the grid)."""
     means: dict[tuple[str, ...], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
-        loss, lr = _number(row["train_loss"]), _number(row["lr"])
+        loss, lr = _number(row.get("train_loss")), _number(row["lr"])
         if loss is not None and lr is not None and math.isfinite(loss):
             means[tuple(row[k] for k in group_keys)][lr].append(loss)
     table = []
@@ -207,7 +215,7 @@ def sweep_blocks(sweep_dir: Path, figure_dir: Path) -> list[Block]:
     into ``figure_dir`` when lr varies), failed runs' errors, and the top-level PNGs."""
     rows = read_results(sweep_dir / "results.csv")
     meta_path = sweep_dir / "sweep.json"
-    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+    meta = read_json_object(meta_path) if meta_path.is_file() else {}
     headers = list(rows[0]) if rows else ["run_id"]
     grid_keys = [h for h in headers if h not in ("run_id", *METRICS, "status")]
     varying = [k for k in grid_keys if len({r[k] for r in rows}) > 1]
@@ -239,16 +247,21 @@ def sweep_blocks(sweep_dir: Path, figure_dir: Path) -> list[Block]:
                        Figure(figure_dir / LR_FIGURE, "final train loss against lr")]
     failed = []
     for row in rows:
-        error_path = sweep_dir / "runs" / row["run_id"] / "error.json"
+        error_path = inside(sweep_dir, "runs", row["run_id"], "error.json", what="run id")
         if row["status"] == "failed" and error_path.is_file():
-            failed.append([row["run_id"], json.loads(error_path.read_text(encoding="utf-8")).get("error")])
+            failed.append([row["run_id"], read_json_object(error_path).get("error")])
     if failed:
         blocks += [Heading("Failed runs"), Table(["run_id", "error"], failed)]
     return blocks + _figures(sweep_dir, exclude=[LR_FIGURE])
 
 
+def _md_text(text: str) -> str:
+    """Text for Markdown: raw HTML and link brackets escaped, so names render as they are written."""
+    return html.escape(text, quote=False).replace("[", "\\[").replace("]", "\\]")
+
+
 def _md_cell(value: Any) -> str:
-    return _fmt(value).replace("|", "\\|").replace("\n", " ")
+    return _md_text(_fmt(value)).replace("|", "\\|").replace("\n", " ")
 
 
 def render_markdown(blocks: Sequence[Block], base: Path) -> str:
@@ -256,9 +269,9 @@ def render_markdown(blocks: Sequence[Block], base: Path) -> str:
     parts = []
     for block in blocks:
         if isinstance(block, Heading):
-            parts.append("#" * block.level + " " + block.text)
+            parts.append("#" * block.level + " " + _md_text(block.text))
         elif isinstance(block, Paragraph):
-            parts.append(block.text)
+            parts.append(_md_text(block.text))
         elif isinstance(block, Table):
             lines = ["| " + " | ".join(_md_cell(h) for h in block.headers) + " |",
                      "|" + "---|" * len(block.headers)]
@@ -266,7 +279,7 @@ def render_markdown(blocks: Sequence[Block], base: Path) -> str:
             parts.append("\n".join(lines))
         else:
             link = quote(Path(os.path.relpath(block.path, base)).as_posix())
-            parts.append(f"![{block.caption}]({link})")
+            parts.append(f"![{_md_text(block.caption)}]({link})")
     return "\n\n".join(parts) + "\n"
 
 
@@ -285,7 +298,7 @@ def render_html(blocks: Sequence[Block], title: str) -> str:
                            for row in block.rows)
             parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
         else:
-            data = base64.b64encode(block.path.read_bytes()).decode("ascii")
+            data = base64.b64encode(read_bytes_no_follow(block.path)).decode("ascii")
             parts.append(f'<figure><img alt="{esc(block.caption)}" src="data:image/png;base64,{data}">'
                          f"<figcaption>{esc(block.caption)}</figcaption></figure>")
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'

@@ -13,6 +13,20 @@ from typing import Any
 import torch
 
 
+def require_finite(**values: Any) -> None:
+    """ValueError naming the first value that is not a finite number (bools are not numbers)."""
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{key} must be a finite number, got {value!r}")
+
+
+def require_count(**values: Any) -> None:
+    """ValueError naming the first value that is not an integer >= 0 (None passes)."""
+    for key, value in values.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"{key} must be an integer >= 0, got {value!r}")
+
+
 class MultiplierSchedule:
     """Base class: a multiplier vector ``λ`` and a host-side step count."""
 
@@ -35,6 +49,10 @@ class MultiplierSchedule:
             k = min(n, old.numel())
             new[:k] = old[:k].to(device)
         return new
+
+    def materialize(self, n: int, device: torch.device | str) -> None:
+        """Create every state tensor for ``n`` tensors without advancing (a checkpoint template needs them)."""
+        self.multiplier(n, device)
 
     def update(self, cos: torch.Tensor, update_norm: torch.Tensor) -> None:
         """Read step t's per-tensor cosines and update norms (fp32 ``[n]``); set ``λ_{t+1}``."""
@@ -71,6 +89,10 @@ class WarmupCosineSchedule(MultiplierSchedule):
 
     def __init__(self, total_steps: int | None = None, warmup: int = 0, min_mult: float = 0.0) -> None:
         super().__init__()
+        require_count(total_steps=total_steps, warmup=warmup)
+        require_finite(min_mult=min_mult)
+        if not 0.0 <= min_mult <= 1.0:
+            raise ValueError(f"min_mult must be in [0, 1], got {min_mult}")
         if warmup < 0 or (total_steps is not None and total_steps <= warmup):
             raise ValueError(f"need 0 <= warmup < total_steps, got warmup={warmup}, total_steps={total_steps}")
         self.total_steps, self.warmup, self.min_mult = total_steps, warmup, float(min_mult)
@@ -116,6 +138,9 @@ class GeometryAwareLR(MultiplierSchedule):
         per_layer: bool = False,
     ) -> None:
         super().__init__()
+        require_finite(target=target, gain=gain, beta=beta, max_change=max_change, min_mult=min_mult,
+                       max_mult=max_mult)
+        require_count(warmup=warmup)
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"beta must be in [0, 1), got {beta}")
         if not 0.0 < min_mult <= 1.0 <= max_mult:
@@ -134,6 +159,11 @@ class GeometryAwareLR(MultiplierSchedule):
     @property
     def name(self) -> str:  # type: ignore[override]
         return "geometry_per_layer" if self.per_layer else "geometry"
+
+    def materialize(self, n: int, device: torch.device | str) -> None:
+        super().materialize(n, device)
+        if self.ema is None or self.ema.numel() != n:
+            self.ema = self._resize(self.ema, n, device, fill=0.0)
 
     def _next(self, cos: torch.Tensor, update_norm: torch.Tensor) -> torch.Tensor:
         assert self.lam is not None

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+MAX_STEP = math.sqrt(torch.finfo(torch.float32).max)
+"""Largest step norm ``u`` taken: ``u²`` must stay finite in the fp32 ‖C‖ identity (about 1.8e19)."""
 GLOBAL_KEY = "nup"  # key of the optimizer-wide entry in opt.state
 STAT_VECTORS = ("update_norm", "cos", "c_norm", "path", "lr", "skipped")
 
@@ -74,24 +76,34 @@ def coefficients(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """From ``‖D‖`` and the rates (all ``[k]``): the ok mask, ``coef`` with ``ΔP = coef·D``, and ``u = ‖ΔP‖``.
 
-    Normalized tensors step by ``u = η·s``, the others (``normalize`` False) by ``u = η·‖D‖``. A
-    tensor whose ``‖D‖`` is 0 or not finite gets ``coef = −0.0`` (``P + coef·0`` keeps every bit
-    of P) and ``u = 0``.
+    Computed in ``d_norm``'s dtype (float64 on the reference path). Normalized tensors step by
+    ``u = η·s``, the others (``normalize`` False) by ``u = η·‖D‖``. A tensor is skipped
+    (``coef = −0.0``, so ``P + coef·0`` keeps every bit of P, and ``u = 0``) when its ``‖D‖`` is 0
+    or not finite, or its ``u`` is NaN, negative or at least :data:`MAX_STEP` (a group lr or λ
+    that is NaN, negative or overflowing): checked on device, with no host sync.
     """
-    ok = (d_norm > 0) & (d_norm < math.inf)  # False for NaN too
+    eta, scales = eta.to(d_norm.dtype), scales.to(d_norm.dtype)
     step_size = torch.where(normalize, eta * scales, eta * d_norm)  # u when ok
-    coef = torch.where(ok, -step_size / torch.where(ok, d_norm, 1.0), -0.0)
-    return ok, coef, torch.where(ok, step_size, 0.0)
+    # x.clamp(lo, hi) == x is False for NaN and outside [lo, hi]: two ops a test (each is a launch on CUDA)
+    info = torch.finfo(d_norm.dtype)
+    positive = d_norm.clamp(info.tiny * info.eps, info.max) == d_norm  # from the least subnormal: 0 < ‖D‖ < inf
+    ok = positive & (step_size.clamp(0.0, MAX_STEP) == step_size)
+    u = torch.where(ok, step_size, 0.0)
+    return ok, (u / torch.where(ok, d_norm, 1.0)).neg_(), u  # coef = −0.0 where skipped
 
 
 def host_coefficient(d_norm: float, eta: float, scale: float, normalize: bool) -> float:
     """:func:`coefficients`' ``coef`` for one tensor in host floats (CPU, where reading a value is free).
 
-    0.0 when ``‖D‖`` is 0 or not finite: the caller then leaves the tensor alone.
+    0.0 when ``‖D‖`` is 0 or not finite, or ``u`` is NaN, negative or at least :data:`MAX_STEP`, as
+    there: the caller then leaves the tensor alone.
     """
     if not (math.isfinite(d_norm) and d_norm > 0):
         return 0.0
-    return -(eta * scale if normalize else eta * d_norm) / d_norm
+    step_size = eta * scale if normalize else eta * d_norm
+    if not 0.0 <= step_size < MAX_STEP:  # False for NaN too
+        return 0.0
+    return -step_size / d_norm
 
 
 def recompute_due(g: dict[str, Any], every: int) -> bool:
@@ -104,7 +116,8 @@ def exact_c_norm(
 ) -> torch.Tensor:
     """``‖C‖`` per tensor (fp32 ``[k]``) read from the buffers, with ``C = P − P_0`` in init mode."""
     cs = [p.float() - c.float() for p, c in zip(params, cumulatives)] if init_mode else list(cumulatives)
-    return torch.stack(torch._foreach_norm(cs, 2, dtype=torch.float32))
+    # C is a sum of bounded steps (u < MAX_STEP each): a plain accumulation in its own precision cannot overflow
+    return torch.stack([n.float() for n in torch._foreach_norm(cs, 2)])
 
 
 def finish_step(

@@ -20,7 +20,6 @@ import json
 import multiprocessing
 import os
 import re
-import shutil
 import signal
 import sys
 import threading
@@ -45,7 +44,15 @@ except ImportError:  # Windows: no lock against two sweeps in one directory
     fcntl = None
 
 from nup.cli import CLIError
-from nup.io import write_json_atomic, write_text_atomic
+from nup.io import (
+    inside,
+    open_lock_file,
+    read_json_object,
+    remove_tree,
+    safe_name,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "wall_time_s")
 EXAMPLE = """example config:
@@ -137,6 +144,10 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
     name = raw.get("name", path.stem)
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"{path}: name must be a non-empty string, got {name!r}")
+    try:
+        safe_name(name, "sweep name")  # the default output directory is sweeps/NAME
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
     base, grid = raw.get("base", {}), raw.get("grid", {})
     fields = _config_fields()
     for section, table in (("base", base), ("grid", grid)):
@@ -208,17 +219,21 @@ def expand_grid(sweep: Sweep) -> list[RunSpec]:
     seen: dict[str, str] = {}
     for values in itertools.product(*sweep.grid.values()):
         point = dict(zip(keys, values, strict=True))
-        where = "grid point " + ", ".join(f"{k}={v!r}" for k, v in point.items())
+        point_text = "grid point " + ", ".join(f"{k}={v!r}" for k, v in point.items())
+        where = f"{sweep.source}: {point_text}" if sweep.source else point_text
         params = {k: _coerce(v, hints[k]) for k, v in {**sweep.base, **point}.items()}
         try:
             config = TrainConfig(**params)
             config.validate()
+            if config.nproc != 1:
+                raise ValueError(f"nproc={config.nproc}: a sweep runs each grid point in one process; leave nproc "
+                                 "unset and use --jobs N to run N grid points at once")
         except (ValueError, TypeError) as err:
             raise ValueError(f"{where}: {err}") from None
         run_id = make_run_id(config, varying)
         if run_id in seen:
             raise ValueError(f"{where}: duplicate grid point (the same config as {seen[run_id]})")
-        seen[run_id] = where
+        seen[run_id] = point_text
         specs.append(RunSpec(run_id=run_id, params=point, config=config))
     return specs
 
@@ -227,11 +242,14 @@ def run_status(run_dir: Path) -> tuple[str, dict[str, Any]]:
     """(status, summary) of a run directory.
 
     status: "finished" or "diverged" (summary.json exists), "failed" (error.json exists) or
-    "pending"; summary is {} unless the run finished.
+    "pending" (also for a symlink, which is never read and is replaced when the run is redone);
+    summary is {} unless the run finished.
     """
     summary_path = run_dir / "summary.json"
+    if run_dir.is_symlink():
+        return "pending", {}
     if summary_path.is_file():
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        summary = read_json_object(summary_path)
         return ("diverged" if summary.get("status") == "diverged" else "finished"), summary
     return ("failed" if (run_dir / "error.json").is_file() else "pending"), {}
 
@@ -259,9 +277,29 @@ def write_results(path: Path, sweep: Sweep, specs: Sequence[RunSpec], runs_dir: 
 
 
 def read_results(path: str | Path) -> list[dict[str, str]]:
-    """The rows of a results.csv, as dicts of strings."""
+    """The rows of a results.csv, as dicts of strings.
+
+    Raises ValueError naming the file (and line) for a header without run_id or status, a row
+    with the wrong number of fields, or a run id that is not one plain file name.
+    """
     with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
+        reader = csv.reader(fh)
+        header = next(reader, [])
+        for column in ("run_id", "status"):
+            if column not in header:
+                raise ValueError(f"{path}: no {column} column in the header; regenerate it with nup sweep --resume")
+        rows = []
+        for row in reader:
+            where = f"{path} line {reader.line_num}"
+            if len(row) != len(header):
+                raise ValueError(f"{where}: {len(row)} fields, the header has {len(header)}; "
+                                 "regenerate it with nup sweep --resume")
+            rows.append(dict(zip(header, row, strict=True)))
+            try:
+                safe_name(rows[-1]["run_id"], "run id")
+            except ValueError as err:
+                raise ValueError(f"{where}: {err}") from None
+    return rows
 
 
 def _record_failure(run_dir: Path, error: str, trace: str) -> None:
@@ -280,8 +318,8 @@ def execute_run(config: Any, run_dir: Path, checkpoint_every: int = 0, resume: b
     from nup.train import run_training
 
     resume = resume and (run_dir / CHECKPOINT).is_file()
-    if run_dir.exists() and not resume:
-        shutil.rmtree(run_dir)
+    if not resume:
+        remove_tree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "error.json").unlink(missing_ok=True)
     write_json_atomic(run_dir / "config.json", config_dict(config))
@@ -349,7 +387,7 @@ def _execute_all(todo: Sequence[RunSpec], runs_dir: Path, jobs: int, checkpoint_
 @contextmanager
 def _exclusive(out: Path) -> Iterator[None]:
     """Hold a lock on OUT/.sweep.lock: two sweeps never write into one directory."""
-    with open(out / ".sweep.lock", "w") as fh:
+    with open_lock_file(out / ".sweep.lock") as fh:
         if fcntl is not None:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -375,7 +413,7 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, jobs: int = 1, resume: bool = F
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     out = Path(out_dir)
-    runs_dir = out / "runs"
+    runs_dir = inside(out, "runs")
     if not resume and any(runs_dir.glob("*/summary.json")):
         raise CLIError(f"{out} already holds finished runs: pass --resume to continue that sweep, "
                        "or choose another --out")
@@ -388,7 +426,7 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, jobs: int = 1, resume: bool = F
             "name": sweep.name, "source": sweep.source, "base": sweep.base, "grid": sweep.grid,
             "runs": [{"run_id": s.run_id, **s.params} for s in specs]})
         write_results(results, sweep, specs, runs_dir)
-        todo = [s for s in specs if not (runs_dir / s.run_id / "summary.json").is_file()]
+        todo = [s for s in specs if run_status(runs_dir / s.run_id)[0] in ("pending", "failed")]
         failed = 0
         with tqdm(total=len(specs), initial=len(specs) - len(todo), desc=sweep.name, unit="run",
                   disable=None if progress else True) as bar:

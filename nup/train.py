@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from nup import distributed
 from nup.checkpoint import CHECKPOINT, load_checkpoint, restore, save_checkpoint
 from nup.data import batches, load_digits_split, teacher_student
-from nup.io import append_jsonl, write_json_atomic
+from nup.io import append_jsonl, open_append_text, open_new_text, write_json_atomic
 from nup.plots import plot_run
 from nup.schedule import SCHEDULES
 
@@ -80,16 +80,21 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad value."""
-        from nup.parameterization import PARAMETERIZATIONS, WIDTH_SCHEDULES
+        from nup.parameterization import (
+            DEFAULT_WIDTH_LIMIT,
+            PARAMETERIZATIONS,
+            WIDTH_SCHEDULES,
+            resolve_parameterization,
+        )
         from nup_kernels.activations import get_activation
 
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise ValueError(msg)
 
-        for name in ("depth", "m", "steps", "batch_size", "seed", "eval_every"):
-            need(isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool),
-                 f"{name} must be an integer, got {getattr(self, name)!r}")
+        for f in dataclasses.fields(self):  # TOML and the Python API can pass any type
+            need(_has_type(getattr(self, f.name), f.type), _TYPE_ERRORS[f.type.removesuffix(" | None")].format(
+                 name=f.name, value=getattr(self, f.name)))
         need(self.data in DATA_SETS, f"unknown data {self.data!r}; choose one of {', '.join(DATA_SETS)}")
         need(self.depth >= 2, f"depth must be >= 2, got {self.depth}")
         need(self.m >= 1, f"m must be >= 1, got {self.m}")
@@ -101,7 +106,7 @@ class TrainConfig:
         choices = ", ".join(PARAMETERIZATIONS)
         need(self.parameterization in PARAMETERIZATIONS,
              f"unknown parameterization {self.parameterization!r}; choose one of {choices}")
-        need(isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0,
+        need(math.isfinite(self.lr) and self.lr > 0,
              f"lr must be a positive finite number, got {self.lr!r}")
         need(self.schedule in SCHEDULES,
              f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
@@ -114,8 +119,13 @@ class TrainConfig:
             raise ValueError(f"unknown device {self.device!r}; write cpu, cuda or cuda:N") from None
         need(device.type in ("cpu", "cuda"), f"device {self.device!r}: write cpu, cuda or cuda:N")
         need(device.type != "cuda" or torch.cuda.is_available(), f"device {self.device!r}: no CUDA available")
-        need(self.max_width is None or (isinstance(self.max_width, int) and self.max_width >= 1),
+        need(self.max_width is None or self.max_width >= 1,
              f"max_width must be a positive integer, got {self.max_width!r}")
+        widest = max(resolve_parameterization(self.parameterization, self.m, self.width_schedule)
+                     .hidden_widths(self.depth))
+        need(self.max_width is not None or widest <= DEFAULT_WIDTH_LIMIT,
+             f"hidden width {widest} exceeds {DEFAULT_WIDTH_LIMIT}; set max_width to cap the widths, "
+             "or lower m or depth")
         need(self.loss in LOSSES, f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
         need(self.base in BASES, f"unknown base {self.base!r}; choose one of {', '.join(BASES)}")
         need(self.eval_every >= 1, f"eval_every must be >= 1, got {self.eval_every}")
@@ -124,6 +134,24 @@ class TrainConfig:
              f"nproc must be >= 1 and divide batch_size {self.batch_size}, got {self.nproc!r}")
         need(not (self.fused and self.nproc > 1), "fused updates run inside backward, before DDP averages the "
                                                   "gradients: use --no-fused with --nproc > 1")
+
+
+_TYPE_ERRORS = {"int": "{name} must be an integer, got {value!r}",
+                "bool": "{name} must be true or false, got {value!r}",
+                "str": "{name} must be a string, got {value!r}",
+                "float": "{name} must be a number, got {value!r}"}
+
+
+def _has_type(value: Any, hint: str) -> bool:
+    """Whether ``value`` fits a TrainConfig annotation (``"int"``, ``"str | None"``, …); a bool is no number."""
+    if hint.endswith(" | None") and value is None:
+        return True
+    kind = hint.removesuffix(" | None")
+    if kind == "bool":
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, {"int": int, "float": (int, float), "str": str}[kind])
 
 
 def _loss_fn(kind: str, n_classes: int):
@@ -285,7 +313,8 @@ def run_training(config: TrainConfig, out_dir: str | Path, progress: bool = True
     t_train = time.perf_counter()
     bar = tqdm(total=config.steps, initial=start, desc="nup train", unit="step",
                disable=None if progress and main else True, leave=False)
-    with open(out / "metrics.jsonl" if main else os.devnull, "a" if start else "w", encoding="utf-8") as fh, bar:
+    log = (open_append_text if start else open_new_text)(out / "metrics.jsonl") if main else open(os.devnull, "w")
+    with log as fh, bar:
         for step in range(start, config.steps):
             xb, yb = distributed.local_batch(*next(stream))
             f = net(xb)

@@ -34,6 +34,12 @@ class Activation:
     label: str = ""
     fn: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, compare=False)
 
+    def __post_init__(self) -> None:
+        if self.name == "linear_abs" and not (math.isfinite(self.a) and math.isfinite(self.b)
+                                              and math.isfinite(self.a * self.a + self.b * self.b)):
+            raise ValueError(f"activation {self}: a and b must be finite, and a² + b² too "
+                             "(σ_w² = 1/(a² + b²)), e.g. linear_abs:0.5,0.5 or leaky_relu:0.1")
+
     def __str__(self) -> str:
         return self.label or self.name
 
@@ -135,16 +141,16 @@ def get_activation(spec: str | Activation | Callable[[torch.Tensor], torch.Tenso
         return spec
     if isinstance(spec, str):
         name, _, arg = spec.partition(":")
-        try:
-            if name == "leaky_relu" and arg:
-                return leaky_relu(float(arg))
-            if name == "linear_abs":
-                a, b = (float(v) for v in arg.split(","))
-                return linear_abs(a, b)
-        except ValueError:
-            raise ValueError(
-                f"cannot parse activation {spec!r}: write leaky_relu:0.1 or linear_abs:0.5,0.5"
-            ) from None
+        if name == "leaky_relu" and arg or name == "linear_abs":
+            try:
+                values = [float(v) for v in arg.split(",")]
+                if len(values) != (1 if name == "leaky_relu" else 2):
+                    raise ValueError
+            except ValueError:
+                raise ValueError(
+                    f"cannot parse activation {spec!r}: write leaky_relu:0.1 or linear_abs:0.5,0.5"
+                ) from None
+            return leaky_relu(*values) if name == "leaky_relu" else linear_abs(*values)
         if name in NAMED and not arg:
             return NAMED[name]
         raise ValueError(

@@ -40,6 +40,7 @@ SMALL_BATCH_MAX = {2: 256, 4: 64}
 
 _MATERIALIZED = {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 4}
 _SMALL_BATCH = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8}
+_MAX_STEP = 1.844674352395373e19  # √(fp32 max), nup.step_core.MAX_STEP: a larger step overflows ‖ΔP‖²
 _PART_BLOCK = 16  # ‖G‖² partials summed per loop step inside the apply kernels
 
 
@@ -53,9 +54,10 @@ def _coefficient(g_sq_ptr, n_part, g_sq_scale, rates_ptr, index, PART_BLOCK: tl.
         acc += tl.load(g_sq_ptr + offs, mask=offs < n_part, other=0.0).to(tl.float32)
     g_sq = tl.maximum((tl.sum(acc) * g_sq_scale).to(tl.float32), 0.0)  # scale: fp64 under torch.compile
     norm = tl.sqrt(g_sq)
-    ok = (norm > 0.0) & (norm < float("inf"))  # False for NaN too
     a = tl.load(rates_ptr + 2 * index).to(tl.float32)
     b = tl.load(rates_ptr + 2 * index + 1).to(tl.float32)
+    u = a + b * norm  # the step's norm; NaN, negative or >= MAX_STEP (a bad lr or λ) skips, as on every path
+    ok = (norm > 0.0) & (norm < float("inf")) & (u >= 0.0) & (u < 1.844674352395373e19)  # False for NaN too
     coef = tl.where(ok, -(a / tl.where(ok, norm, 1.0) + b), 0.0)
     return coef, norm
 
@@ -195,9 +197,10 @@ def _apply_bias_kernel(
         tl.store(db_ptr + n0 + ns, col, mask=nmask)
         sq += col * col
     norm = tl.sqrt(tl.sum(sq))
-    ok = (norm > 0.0) & (norm < float("inf"))
     a = tl.load(rates_ptr + 2 * index).to(tl.float32)
     r1 = tl.load(rates_ptr + 2 * index + 1).to(tl.float32)
+    u = a + r1 * norm  # as in _coefficient
+    ok = (norm > 0.0) & (norm < float("inf")) & (u >= 0.0) & (u < 1.844674352395373e19)
     coef = tl.where(ok, -(a / tl.where(ok, norm, 1.0) + r1), 0.0)
     keep = coef == 0.0
     dots = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -294,7 +297,8 @@ def _check(
 
 def _coefficient_of(norm: torch.Tensor, rates: torch.Tensor, index: int) -> torch.Tensor:
     """The kernels' ``coef`` in torch (the reference branch): ``−(rates[i,0]/‖G‖ + rates[i,1])``, 0 to skip."""
-    ok = torch.isfinite(norm) & (norm > 0)
+    u = rates[index, 0] + rates[index, 1] * norm
+    ok = torch.isfinite(norm) & (norm > 0) & (u >= 0) & (u < _MAX_STEP)
     return torch.where(ok, -(rates[index, 0] / torch.where(ok, norm, 1.0) + rates[index, 1]), 0.0)
 
 

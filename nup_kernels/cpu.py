@@ -49,10 +49,10 @@ float nup_update_dot(float *restrict w, float *restrict c, const float *restrict
     return acc;
 }
 /* sum of (a - b)^2 */
-float nup_dist_sq(const float *restrict a, const float *restrict b, int64_t n) {
-    float acc = 0.0f;
+double nup_dist_sq(const float *restrict a, const float *restrict b, int64_t n) {
+    double acc = 0.0;  /* double: the square of any finite fp32 difference fits */
     #pragma omp simd reduction(+:acc)
-    for (int64_t i = 0; i < n; ++i) { float d = a[i] - b[i]; acc += d * d; }
+    for (int64_t i = 0; i < n; ++i) { double d = (double)a[i] - (double)b[i]; acc += d * d; }
     return acc;
 }
 /* wrapper mode: D = old - p (what the base moved, as a descent direction); p = old + coef*D;
@@ -100,6 +100,7 @@ def _loop_library() -> ctypes.CDLL | None:
         ("nup_rebase_update", [ptr, ptr, ptr, n, f32]),
     ):
         getattr(dll, name).restype, getattr(dll, name).argtypes = f32, args
+    dll.nup_dist_sq.restype = ctypes.c_double
     return dll
 
 
@@ -135,10 +136,10 @@ def loop_ready(*tensors: torch.Tensor) -> bool:
 
 
 def dist_sq(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``‖a − b‖²`` (one read of each, nothing written) as a float."""
+    """``‖a − b‖²`` (one read of each, nothing written) as a float, accumulated in double."""
     if loop_ready(a, b):
         return _loop_library().nup_dist_sq(a.data_ptr(), b.data_ptr(), a.numel())
-    return float((a.float() - b.float()).square().sum())
+    return float((a.double() - b.double()).square().sum())
 
 
 def rebase_update(param: torch.Tensor, old: torch.Tensor, cumulative: torch.Tensor, coef: float) -> float:

@@ -246,6 +246,11 @@ def _check(op: str, names: tuple[str, ...], lists: tuple[list[torch.Tensor], ...
             raise ValueError(f"{op}: tensor {i} differs in shape across lists: {shapes}")
 
 
+def _any_float64(*lists: list[torch.Tensor]) -> bool:
+    """float64 tensors take the torch path (float64 arithmetic); the kernels are 16/32-bit."""
+    return any(t.dtype == torch.float64 for ts in lists for t in ts)
+
+
 def _require_contiguous(op: str, name: str, ts: list[torch.Tensor]) -> None:
     for i, t in enumerate(ts):
         if not t.is_contiguous():
@@ -265,7 +270,7 @@ def multi_tensor_reduce(
     if not directions:
         empty = torch.zeros(0, dtype=torch.float32)
         return empty, empty.clone(), empty.clone()
-    if not use_triton(directions[0]):
+    if not use_triton(directions[0]) or _any_float64(directions, cumulatives):
         return reference.multi_tensor_reduce(directions, cumulatives)
     directions = [d.contiguous() for d in directions]
     cumulatives = [c.contiguous() for c in cumulatives]
@@ -312,7 +317,7 @@ def multi_tensor_apply(
         raise ValueError(f"{op}: coefs is on {coefs.device} but the tensors are on {params[0].device}")
     if not params:
         return
-    if not use_triton(params[0]):
+    if not use_triton(params[0]) or _any_float64(params, directions, cumulatives):
         reference.multi_tensor_apply(params, directions, cumulatives, coefs)
         return
     _require_contiguous(op, "params", params)

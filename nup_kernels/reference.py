@@ -12,6 +12,11 @@ import torch
 from nup_kernels.activations import Activation
 
 
+def accumulate_dtype(t: torch.Tensor) -> torch.dtype:
+    """The arithmetic of an update or reduction over ``t``: float64 for float64 tensors, else fp32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def linear_act_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -79,23 +84,26 @@ def apply_update(
     if grad is None:
         assert x is not None and delta is not None
         grad = alpha * (delta.float().t() @ x.float())
-    step = coef * grad.float()
+    acc = accumulate_dtype(weight)
+    step = coef.to(acc) * grad.to(acc)
     keep = coef == 0
-    c_old = weight.float() - cumulative.float() if cumulative_is_init else cumulative.float()
-    dot = torch.where(keep, 0.0, step * c_old).sum()
-    weight.copy_(torch.where(keep, weight.float(), weight.float() + step).to(weight.dtype))
+    c_old = weight.to(acc) - cumulative.to(acc) if cumulative_is_init else cumulative.to(acc)
+    dot = torch.where(keep, 0.0, step * c_old).sum().float()
+    weight.copy_(torch.where(keep, weight, (weight.to(acc) + step).to(weight.dtype)))  # kept: every bit
     if not cumulative_is_init:
-        cumulative.copy_(torch.where(keep, c_old, c_old + step).to(cumulative.dtype))
+        cumulative.copy_(torch.where(keep, cumulative, (c_old + step).to(cumulative.dtype)))
     return dot
 
 
 def multi_tensor_reduce(
     directions: list[torch.Tensor], cumulatives: list[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per tensor ``‖D‖²``, ``⟨D, C⟩`` and ``‖C‖²``, each an fp32 vector of length ``len(D)``."""
-    d_sq = torch.stack([d.float().square().sum() for d in directions])
-    dc = torch.stack([(d.float() * c.float()).sum() for d, c in zip(directions, cumulatives)])
-    c_sq = torch.stack([c.float().square().sum() for c in cumulatives])
+    """Per tensor ``‖D‖²``, ``⟨D, C⟩`` and ``‖C‖²``, each an fp32 vector of length ``len(D)`` (accumulated in
+    float64 for float64 tensors)."""
+    acc = [accumulate_dtype(d) for d in directions]
+    d_sq = torch.stack([d.to(a).square().sum().float() for d, a in zip(directions, acc)])
+    dc = torch.stack([(d.to(a) * c.to(a)).sum().float() for d, c, a in zip(directions, cumulatives, acc)])
+    c_sq = torch.stack([c.to(a).square().sum().float() for c, a in zip(cumulatives, acc)])
     return d_sq, dc, c_sq
 
 
@@ -110,8 +118,8 @@ def multi_tensor_apply(
     ``coefs`` is an fp32 vector; a zero coefficient leaves that P and C bit-identical.
     """
     for i, (p, d, c) in enumerate(zip(params, directions, cumulatives)):
-        coef = coefs[i]
+        coef, acc = coefs[i], accumulate_dtype(p)
         keep = coef == 0
-        step = coef * d.float()
-        p.copy_(torch.where(keep, p.float(), p.float() + step).to(p.dtype))
-        c.copy_(torch.where(keep, c.float(), c.float() + step).to(c.dtype))
+        step = coef.to(acc) * d.to(acc)
+        p.copy_(torch.where(keep, p, (p.to(acc) + step).to(p.dtype)))  # kept: every bit
+        c.copy_(torch.where(keep, c, (c.to(acc) + step).to(c.dtype)))
