@@ -335,7 +335,8 @@ class NuP(torch.optim.Optimizer):
             c_norm_exact = (c_norm_old.square() + 2.0 * dot + u.square()).clamp_min(0.0).sqrt()
         self._record(g, idx, u, cos, c_norm_exact, eta, ok)
         g["step"] += 1
-        self.schedule.update(g["cos"], g["update_norm"])
+        moved = ok if idx is None else torch.zeros_like(g["update_norm"], dtype=torch.bool).index_copy(0, idx, ok)
+        self.schedule.update(g["cos"], g["update_norm"], c_norm=g["c_norm"], ok=moved)
 
     def _dots(self, safe, params, cumulatives, init_mode) -> torch.Tensor:
         """``⟨D, C_t⟩`` per tensor (fp32), with ``C_t = P − P_0`` in ``init`` mode."""
