@@ -182,7 +182,8 @@ class _LogController(MultiplierSchedule):
         if max_change < 0 or warmup < 0:
             raise ValueError("max_change and warmup must be non-negative")
         self.gain, self.max_change = float(gain), float(max_change)
-        self.min_mult, self.max_mult, self.warmup, self.per_layer = float(min_mult), float(max_mult), int(warmup), per_layer
+        self.min_mult, self.max_mult = float(min_mult), float(max_mult)
+        self.warmup, self.per_layer = int(warmup), per_layer
 
     @staticmethod
     def _check_beta(beta: float) -> float:

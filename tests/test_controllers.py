@@ -27,7 +27,7 @@ def simulate(sched, kind, steps: int = 300, d: int = 1000, seed: int = 0, n: int
     g = torch.Generator().manual_seed(seed)
     unit = lambda t: t / t.norm(dim=1, keepdim=True)
     c = torch.zeros(n, d, dtype=torch.float64)
-    v, e = unit(torch.randn(n, d, generator=g, dtype=torch.float64)), unit(torch.randn(n, d, generator=g, dtype=torch.float64))
+    v, e = (unit(torch.randn(n, d, generator=g, dtype=torch.float64)) for _ in range(2))
     out = []
     for t in range(steps):
         lam = sched.multiplier(n, "cpu").double()
@@ -126,7 +126,8 @@ def test_state_dict_round_trip_continues_identically(name):
     for s in (a, b):
         if isinstance(s, SharpnessTargetLR):
             s.observe(torch.tensor(3.0))
-    np.testing.assert_array_equal(simulate(a, "noise", steps=20, n=3, seed=5), simulate(b, "noise", steps=20, n=3, seed=5))
+    rest_a, rest_b = (simulate(s, "noise", steps=20, n=3, seed=5) for s in (a, b))
+    np.testing.assert_array_equal(rest_a, rest_b)
 
 
 @pytest.mark.parametrize("name", ["warmup_cosine", "geometry", "geometry_cosine"])

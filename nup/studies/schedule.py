@@ -244,7 +244,7 @@ def run(cfg: Config, out: str | Path, progress: bool = True) -> dict[str, Any]:
     with tqdm(total=cfg.steps * arms_per_seed * len(seeds), desc="schedule", unit="step",
               disable=None if progress else True, leave=False) as bar:
         for seed in seeds:
-            def one(arm, schedule, lr=cfg.lr):
+            def one(arm, schedule, lr=cfg.lr, seed=seed):
                 bar.set_postfix_str(f"{arm} seed {seed}", refresh=False)
                 runs.setdefault(arm, []).append(train_one(cfg, arm, schedule, seed, batch, bar, lr))
                 return runs[arm][-1]
@@ -259,9 +259,9 @@ def run(cfg: Config, out: str | Path, progress: bool = True) -> dict[str, Any]:
     summary = _summarize(cfg, runs)
     figures = [_plot(cfg, runs, summary, out)]
     env = environment(device, time.perf_counter() - start)
-    results = {"study": "schedule", "config": config_dict(cfg),
-               "definition": {"spike": SPIKE, "min_length": MIN_LENGTH, "drop": DROP, "edge": EDGE}, "summary": summary, "runs": runs,
-               "figures": figures, "environment": env}
+    definition = {"spike": SPIKE, "min_length": MIN_LENGTH, "drop": DROP, "edge": EDGE}
+    results = {"study": "schedule", "config": config_dict(cfg), "definition": definition, "summary": summary,
+               "runs": runs, "figures": figures, "environment": env}
     write_outputs(out, results, _readme(cfg, summary, env, figures))
     return results
 
@@ -341,8 +341,8 @@ def _readme(cfg: Config, summary: dict, env: dict, figures: list[str]) -> list:
         Paragraph(f"η·S = λ_max(D^½HD^½) and η·λ₀ = λ_max(JDJᵀ)/n use D = diag(α_P), α_P = η_t·s_P/‖∇_P L‖, the "
                   "per-tensor rates of the NuP step (a NuP step is GD preconditioned by D); λ₀ = λ_max(JJᵀ)/n. "
                   f"Catapult episode: the loss rises above (1 + {SPIKE:g})× its running minimum and later returns "
-                  f"to it; it counts when it lasts ≥ {MIN_LENGTH} steps, η·λ₀ > {EDGE:g} during it and λ₀ falls by more than {DROP:.0%} across "
-                  "it. ± is a Student-t 95% interval over seeds."),
+                  f"to it; it counts when it lasts ≥ {MIN_LENGTH} steps, η·λ₀ > {EDGE:g} during it and λ₀ falls by "
+                  f"more than {DROP:.0%} across it. ± is a Student-t 95% interval over seeds."),
         Table(["arm", "catapult steps", "final loss", "log10 final loss", "peak λ"], rows),
         Heading("Does geometry prolong the catapult? (paired over seeds)"),
         Table(["difference in catapult steps", "mean ± 95% CI"], paired),
