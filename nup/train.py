@@ -2,10 +2,11 @@
 
 The default run trains a depth-4 MLP with quadratic widths 16·k² on the UCI handwritten
 digits bundled with scikit-learn, with the geometry-aware learning-rate schedule (the
-random-walk test, :class:`nup.schedule.RandomWalkLR`) at base lr 0.4, in seconds on one CPU core. metrics.jsonl holds one JSON object per step: the minibatch loss and
-accuracy, the lr multiplier λ applied at that step (mean over layers) and, per layer in the
-order of summary.json's "names", the effective lr, cos(new update, cumulative update), the
-update norm and ‖C‖ = ‖P − P₀‖; eval steps add the test loss and accuracy. summary.json is
+random-walk test, :class:`nup.schedule.RandomWalkLR`) at base lr 0.4, in seconds on one CPU
+core. metrics.jsonl holds one JSON object per step: the minibatch loss and accuracy, the lr
+multiplier λ applied at that step (mean over layers) and, per layer in the order of
+summary.json's "names", the effective lr, cos(new update, cumulative update), the update norm
+and ‖C‖ = ‖P − P₀‖; eval steps add the test loss and accuracy. summary.json is
 written last: its presence marks a finished run.
 """
 

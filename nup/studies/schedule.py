@@ -4,7 +4,8 @@ One νP NuMLP (ReLU, EOC) is trained by NuP with full-batch steps on ``n_train``
 ``L = (1/2n)·Σ‖f(x_i) − onehot(y_i)‖²``, once per seed and arm:
 
 - the controllers in ``schedules`` (``geometry``: the random-walk test; ``geometry_cosine``: SPEC's
-  original; ``geometry_sharpness``: fed the measured ``η·S`` below at every measurement);
+  original; ``geometry_sharpness``: fed the measured ``η·S`` below at every measurement, holding it
+  at ``sharpness_target``, by default 3: inside Lewkowycz et al.'s catapult window 2–4);
 - ``constant_x{f}``: constant lr ``f·lr`` for every factor of ``const_factors``; the *tuned*
   constant is the factor with the lowest mean final loss over the seeds;
 - ``replay``: the geometry run's ``λ_t`` of the same seed, played open loop;
@@ -71,6 +72,8 @@ FLAGS = (
     Flag("warmup_fraction", "float", "warm-up length of warmup schedules, as a fraction of the steps"),
     Flag("seeds", "int", "number of seeds (initializations): seed, seed + 1, ..."),
     Flag("const_factors", "floats", "the constant-lr sweep: factors of --lr"),
+    Flag("sharpness_target", "float", "geometry_sharpness: the η·S it holds (2: the edge; 2–4: Lewkowycz's "
+                                      "catapult window)"),
 )
 
 
@@ -81,19 +84,20 @@ class Config:
     schedules: tuple[str, ...] = CONTROLLERS
     depth: int = 4
     m: int = 8
-    lr: float = 0.05
-    steps: int = 300
-    every: int = 5
+    lr: float = 0.25
+    steps: int = 200
+    every: int = 4
     n_train: int = 64
-    seeds: int = 3
-    const_factors: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
+    seeds: int = 4
+    const_factors: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+    sharpness_target: float = 3.0
     warmup_fraction: float = 0.1
     activation: str = "relu"
     seed: int = 0
     device: str = "cpu"
 
 
-QUICK = {"depth": 3, "m": 2, "steps": 16, "every": 4, "n_train": 8, "seeds": 2, "const_factors": (0.5, 2.0)}
+QUICK = {"depth": 3, "m": 2, "steps": 16, "every": 4, "n_train": 8, "seeds": 2, "const_factors": (0.5, 4.0)}
 
 
 class _Preconditioned(nn.Module):
@@ -250,7 +254,8 @@ def run(cfg: Config, out: str | Path, progress: bool = True) -> dict[str, Any]:
                 return runs[arm][-1]
 
             for name in cfg.schedules:
-                one(name, make_schedule(name))
+                kwargs = {"target": cfg.sharpness_target} if name == "geometry_sharpness" else {}
+                one(name, make_schedule(name, **kwargs))
             geo = runs["geometry"][-1]["lr_mult"]
             one("replay", ReplaySchedule(geo))
             one("warmup_cosine", WarmupCosineSchedule(cfg.steps, warmup=warmup, peak=max(geo)))
@@ -333,7 +338,8 @@ def _readme(cfg: Config, summary: dict, env: dict, figures: list[str]) -> list:
         Paragraph(f"One νP NuMLP (depth {cfg.depth}, widths m·k² with m = {cfg.m}, {cfg.activation}) trained by NuP "
                   f"with base lr {cfg.lr} for {cfg.steps} full-batch steps on {cfg.n_train} digits, MSE loss "
                   f"(1/2n)·Σ‖f − onehot(y)‖², {cfg.seeds} seeds (initializations) from {cfg.seed}. Arms: the "
-                  f"controllers {', '.join(cfg.schedules)}; replay = the geometry run's λ_t open loop; "
+                  f"controllers {', '.join(cfg.schedules)} (geometry_sharpness holds η·S at "
+                  f"{cfg.sharpness_target:g}); replay = the geometry run's λ_t open loop; "
                   f"warmup_cosine = {cfg.warmup_fraction:.0%} linear warm-up to the geometry run's peak λ, then "
                   f"cosine decay to 0; constant_x f = constant lr f·{cfg.lr}. Tuned constant (lowest mean log final "
                   f"loss): {summary['tuned_constant']}. Curvatures every {cfg.every} steps. "
