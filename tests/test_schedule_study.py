@@ -66,8 +66,10 @@ def test_schedule_quick_run(tmp_path):
     arms = {"geometry", "geometry_cosine", "geometry_sharpness", "replay", "warmup_cosine", "constant_x0.5",
             "constant_x4"}
     assert set(runs) == arms and all(len(rs) == cfg["seeds"] == 2 for rs in runs.values())
-    for geo, replay, warm in zip(runs["geometry"], runs["replay"], runs["warmup_cosine"]):
-        assert replay["lr_mult"] == pytest.approx(geo["lr_mult"], rel=1e-5)  # open loop: the same λ_t
+    geos = runs["geometry"]
+    for i, (geo, replay, warm) in enumerate(zip(geos, runs["replay"], runs["warmup_cosine"])):
+        assert replay["seed"] == geo["seed"]
+        assert replay["lr_mult"] == pytest.approx(geos[1 - i]["lr_mult"], rel=1e-5)  # the other seed's λ_t
         assert max(warm["lr_mult"]) == pytest.approx(max(geo["lr_mult"]), rel=1e-4)  # to the same peak
         assert warm["lr_mult"][-1] < 0.05 * max(warm["lr_mult"])  # then decays to 0
     assert runs["geometry"][0]["seed"] == 0 and runs["geometry"][1]["seed"] == 1

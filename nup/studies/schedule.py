@@ -8,7 +8,8 @@ One νP NuMLP (ReLU, EOC) is trained by NuP with full-batch steps on ``n_train``
   at ``sharpness_target``, by default 3: inside Lewkowycz et al.'s catapult window 2–4);
 - ``constant_x{f}``: constant lr ``f·lr`` for every factor of ``const_factors``; the *tuned*
   constant is the factor with the lowest mean final loss over the seeds;
-- ``replay``: the geometry run's ``λ_t`` of the same seed, played open loop;
+- ``replay``: a geometry run's ``λ_t`` played open loop, that of the next seed (cyclically): full
+  batch is deterministic, so the same seed's replay would repeat its run exactly;
 - ``warmup_cosine``: linear warm-up over ``warmup_fraction`` of the steps to the geometry run's
   peak ``λ``, then cosine decay to 0.
 
@@ -247,20 +248,21 @@ def run(cfg: Config, out: str | Path, progress: bool = True) -> dict[str, Any]:
     runs: dict[str, list[dict]] = {}
     with tqdm(total=cfg.steps * arms_per_seed * len(seeds), desc="schedule", unit="step",
               disable=None if progress else True, leave=False) as bar:
-        for seed in seeds:
-            def one(arm, schedule, lr=cfg.lr, seed=seed):
-                bar.set_postfix_str(f"{arm} seed {seed}", refresh=False)
-                runs.setdefault(arm, []).append(train_one(cfg, arm, schedule, seed, batch, bar, lr))
-                return runs[arm][-1]
+        def one(arm, schedule, seed, lr=cfg.lr):
+            bar.set_postfix_str(f"{arm} seed {seed}", refresh=False)
+            runs.setdefault(arm, []).append(train_one(cfg, arm, schedule, seed, batch, bar, lr))
 
+        for seed in seeds:
             for name in cfg.schedules:
                 kwargs = {"target": cfg.sharpness_target} if name == "geometry_sharpness" else {}
-                one(name, make_schedule(name, **kwargs))
-            geo = runs["geometry"][-1]["lr_mult"]
-            one("replay", ReplaySchedule(geo))
-            one("warmup_cosine", WarmupCosineSchedule(cfg.steps, warmup=warmup, peak=max(geo)))
+                one(name, make_schedule(name, **kwargs), seed)
+        for i, seed in enumerate(seeds):
+            geo = runs["geometry"][i]["lr_mult"]
+            # full batch is deterministic: the same seed's replay would repeat the run exactly
+            one("replay", ReplaySchedule(runs["geometry"][(i + 1) % len(seeds)]["lr_mult"]), seed)
+            one("warmup_cosine", WarmupCosineSchedule(cfg.steps, warmup=warmup, peak=max(geo)), seed)
             for f in cfg.const_factors:
-                one(f"constant_x{f:g}", make_schedule("constant"), lr=cfg.lr * f)
+                one(f"constant_x{f:g}", make_schedule("constant"), seed, lr=cfg.lr * f)
     summary = _summarize(cfg, runs)
     figures = [_plot(cfg, runs, summary, out)]
     env = environment(device, time.perf_counter() - start)
@@ -305,10 +307,12 @@ def _plot(cfg: Config, runs: dict[str, list[dict]], summary: dict, out: Path) ->
     for ax in (axes[1], axes[2]):
         ax.axhline(EDGE, color="k", ls=":", lw=0.8)
     arms = summary["arms"]
-    ys = [arms[a]["catapult_steps"]["mean"] or 0.0 for a in shown]
-    errs = [arms[a]["catapult_steps"]["ci95"] or 0.0 for a in shown]
-    axes[5].barh(range(len(shown)), ys, xerr=errs, color=[f"C{i}" for i in range(len(shown))])
-    axes[5].set_yticks(range(len(shown)), shown)
+    names = list(arms)
+    ys = [arms[a]["catapult_steps"]["mean"] or 0.0 for a in names]
+    errs = [arms[a]["catapult_steps"]["ci95"] or 0.0 for a in names]
+    colours = [f"C{shown.index(a)}" if a in shown else "0.6" for a in names]
+    axes[5].barh(range(len(names)), ys, xerr=errs, color=colours)
+    axes[5].set_yticks(range(len(names)), names, fontsize="small")
     titles = ("train loss (full batch, MSE)", "η·S = λ_max(D^½HD^½) (edge 2)", "η·λ₀ = λ_max(JDJᵀ)/n (edge 2)",
               "NTK top eigenvalue λ₀", "effective lr η_t = base lr·λ_t", "catapult steps (mean, 95% CI)")
     for ax, title in zip(axes, titles):
@@ -339,7 +343,7 @@ def _readme(cfg: Config, summary: dict, env: dict, figures: list[str]) -> list:
                   f"with base lr {cfg.lr} for {cfg.steps} full-batch steps on {cfg.n_train} digits, MSE loss "
                   f"(1/2n)·Σ‖f − onehot(y)‖², {cfg.seeds} seeds (initializations) from {cfg.seed}. Arms: the "
                   f"controllers {', '.join(cfg.schedules)} (geometry_sharpness holds η·S at "
-                  f"{cfg.sharpness_target:g}); replay = the geometry run's λ_t open loop; "
+                  f"{cfg.sharpness_target:g}); replay = the next seed's geometry λ_t, open loop; "
                   f"warmup_cosine = {cfg.warmup_fraction:.0%} linear warm-up to the geometry run's peak λ, then "
                   f"cosine decay to 0; constant_x f = constant lr f·{cfg.lr}. Tuned constant (lowest mean log final "
                   f"loss): {summary['tuned_constant']}. Curvatures every {cfg.every} steps. "
