@@ -160,9 +160,10 @@ class ReplaySchedule(MultiplierSchedule):
         return float(self.values[0])
 
     def _next(self, cos, update_norm, c_norm, moved) -> torch.Tensor:
-        values = self.values.to(cos.device)
-        t = self.clock.clamp(max=values.numel() - 1).long()
-        return values[t].expand_as(cos).clone()
+        if self.values.device != cos.device:
+            self.values = self.values.to(cos.device)  # once: no copy per step
+        t = self.clock.clamp(max=self.values.numel() - 1).long().reshape(1)
+        return self.values.index_select(0, t).expand_as(cos).clone()
 
 
 class _LogController(MultiplierSchedule):
@@ -310,11 +311,12 @@ class SharpnessTargetLR(MultiplierSchedule):
 
 
 SCHEDULES = ("constant", "warmup", "warmup_cosine", "geometry", "geometry_per_layer", "geometry_cosine",
-             "geometry_cosine_per_layer", "geometry_sharpness")
+             "geometry_cosine_per_layer")
+MEASURED_SCHEDULES = ("geometry_sharpness",)  # need a caller that measures (observe()): not for a plain loop
 
 
 def make_schedule(name: str, total_steps: int | None = None, warmup: int = 0, **kwargs: Any) -> MultiplierSchedule:
-    """Build a schedule by name: one of :data:`SCHEDULES`. ``kwargs`` go to its constructor."""
+    """Build a schedule by name: one of :data:`SCHEDULES` or :data:`MEASURED_SCHEDULES`; ``kwargs`` go to it."""
     if name == "constant":
         return ConstantSchedule()
     if name == "warmup":
@@ -329,4 +331,4 @@ def make_schedule(name: str, total_steps: int | None = None, warmup: int = 0, **
         return GeometryAwareLR(warmup=warmup, per_layer=name == "geometry_cosine_per_layer", **kwargs)
     if name == "geometry_sharpness":
         return SharpnessTargetLR(**kwargs)
-    raise ValueError(f"unknown schedule {name!r}; choose one of {SCHEDULES}")
+    raise ValueError(f"unknown schedule {name!r}; choose one of {SCHEDULES + MEASURED_SCHEDULES}")
