@@ -97,6 +97,8 @@ class MultiplierSchedule:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k, v in state.items():
             setattr(self, k, v.clone() if torch.is_tensor(v) else v)
+        if "clock" not in state and "steps_done" in state:  # saved before the clock existed: every step counted
+            self.clock = torch.tensor(float(state["steps_done"]), dtype=torch.float64)
 
 
 class ConstantSchedule(MultiplierSchedule):

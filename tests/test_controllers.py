@@ -175,6 +175,14 @@ def test_nup_does_not_advance_warmup_cosine_when_every_gradient_is_zero():
     assert float(opt.schedule.clock) == 4 and opt.stat_vectors()["step"] == 6
 
 
+def test_a_checkpoint_from_before_the_clock_resumes_at_its_step_count():
+    old_state = {"lam": torch.full((2,), 0.5), "steps_done": 2, "total_steps": 10, "warmup": 4, "min_mult": 0.0}
+    s = WarmupCosineSchedule(total_steps=10, warmup=4)
+    s.load_state_dict(old_state)
+    s.update(torch.zeros(2), torch.ones(2))
+    assert float(s.multiplier(2, "cpu")[0]) == pytest.approx(1.0)  # step 3 (λ = 4/4), not step 1 (2/4)
+
+
 def test_replay_schedule_plays_the_recorded_values_then_holds_the_last():
     s = ReplaySchedule([0.5, 2.0, 3.0])
     seen = []
