@@ -1,7 +1,8 @@
 """nup: νP (Normalized Update Parameterization) for deep MLPs at the Edge of Chaos.
 
 The model (:class:`NuMLP`), the optimizer with per-layer update geometry (:class:`NuP`), the
-geometry-aware learning-rate schedule (:class:`GeometryAwareLR`) and the EOC solver.
+geometry-aware learning-rate schedules (:class:`RandomWalkLR`, the default; :class:`GeometryAwareLR`,
+SPEC's original) and the EOC solver.
 """
 
 from nup.eoc import EOCPoint, correlation_map, edge_of_chaos
@@ -13,6 +14,9 @@ from nup.schedule import (
     ConstantSchedule,
     GeometryAwareLR,
     MultiplierSchedule,
+    RandomWalkLR,
+    ReplaySchedule,
+    SharpnessTargetLR,
     WarmupCosineSchedule,
     make_schedule,
 )
@@ -32,6 +36,9 @@ __all__ = [
     "ConstantSchedule",
     "GeometryAwareLR",
     "MultiplierSchedule",
+    "RandomWalkLR",
+    "ReplaySchedule",
+    "SharpnessTargetLR",
     "WarmupCosineSchedule",
     "make_schedule",
 ]

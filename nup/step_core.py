@@ -144,7 +144,8 @@ def finish_step(
     record(g, idx, u, cos, c_norm_exact, eta, ok)
     g["step"] += 1
     lam = schedule.lam
-    schedule.update(g["cos"], g["update_norm"])
+    moved = ok if idx is None else torch.zeros_like(g["update_norm"], dtype=torch.bool).index_copy(0, idx, ok)
+    schedule.update(g["cos"], g["update_norm"], c_norm=g["c_norm"], ok=moved)
     if lam is not None and schedule.lam is not lam and schedule.lam.shape == lam.shape:
         schedule.lam = lam.copy_(schedule.lam)  # in place: a captured step reads what the last one wrote
 

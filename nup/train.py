@@ -1,11 +1,12 @@
 """Train a νP MLP and write metrics.jsonl, summary.json and PNG plots to an output directory.
 
-The default run trains a depth-8 MLP with quadratic widths 16·k² on the UCI handwritten
-digits bundled with scikit-learn, with the geometry-aware learning-rate schedule, in under two
-minutes on two CPU cores. metrics.jsonl holds one JSON object per step: the minibatch loss and
-accuracy, the lr multiplier λ applied at that step (mean over layers) and, per layer in the
-order of summary.json's "names", the effective lr, cos(new update, cumulative update), the
-update norm and ‖C‖ = ‖P − P₀‖; eval steps add the test loss and accuracy. summary.json is
+The default run trains a depth-4 MLP with quadratic widths 16·k² on the UCI handwritten
+digits bundled with scikit-learn, with the geometry-aware learning-rate schedule (the
+random-walk test, :class:`nup.schedule.RandomWalkLR`) at base lr 0.4, in seconds on one CPU
+core. metrics.jsonl holds one JSON object per step: the minibatch loss and accuracy, the lr
+multiplier λ applied at that step (mean over layers) and, per layer in the order of
+summary.json's "names", the effective lr, cos(new update, cumulative update), the update norm
+and ‖C‖ = ‖P − P₀‖; eval steps add the test loss and accuracy. summary.json is
 written last: its presence marks a finished run.
 """
 
@@ -49,13 +50,13 @@ class TrainConfig:
 
     data: str = _opt("digits", f"data set: {' | '.join(DATA_SETS)} (teacher: N(0,1) inputs in 32 dims, "
                                "10 classes labelled by a fixed random tanh MLP)")
-    depth: int = _opt(8, "number of weight layers L (>= 2)")
+    depth: int = _opt(4, "number of weight layers L (>= 2)")
     m: int = _opt(16, "width multiplier: hidden widths m·k² (quadratic), m·k (linear) or m (constant)")
     width_schedule: str | None = _opt(None, "quadratic | linear | constant; unset: the parameterization's own")
     activation: str = _opt("relu", "relu | abs | identity | tanh | gelu | silu | leaky_relu[:SLOPE] | "
                                    "linear_abs:A,B")
     parameterization: str = _opt("nup", "nup | sp | sp_inv_depth")
-    lr: float = _opt(0.2, "base learning rate η (> 0); the schedule multiplies it")
+    lr: float = _opt(0.4, "base learning rate η (> 0); the schedule multiplies it")
     schedule: str = _opt("geometry", f"lr multiplier schedule: {' | '.join(SCHEDULES)} "
                                      "(warmup*: 10%% of the steps of linear warm-up)")
     steps: int = _opt(500, "number of optimizer steps")

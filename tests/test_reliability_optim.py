@@ -303,10 +303,10 @@ def _trained_state(**kwargs):
 def test_load_refuses_a_checkpoint_of_another_schedule():
     model, sd = _trained_state(schedule=GeometryAwareLR())
     opt = NuP(model.named_parameters(), lr=0.1)
-    with pytest.raises(ValueError, match="checkpoint: saved with schedule 'geometry', this NuP has 'constant'"):
+    with pytest.raises(ValueError, match="checkpoint: saved with schedule 'geometry_cosine', this NuP has 'constant'"):
         opt.load_state_dict(sd)
     model, sd = _trained_state()
-    with pytest.raises(ValueError, match="saved with schedule 'constant', this NuP has 'geometry'"):
+    with pytest.raises(ValueError, match="saved with schedule 'constant', this NuP has 'geometry_cosine'"):
         NuP(model.named_parameters(), lr=0.1, schedule=GeometryAwareLR()).load_state_dict(sd)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from nup import ConstantSchedule, GeometryAwareLR, WarmupCosineSchedule, make_schedule
+from nup import ConstantSchedule, GeometryAwareLR, RandomWalkLR, WarmupCosineSchedule, make_schedule
 
 
 def spec_lambdas(cos, norms=None, target=0.1, gain=0.5, beta=0.9, delta=0.05, lo=1e-3, hi=1e3, warmup=0):
@@ -100,7 +100,7 @@ def test_per_layer_mode_follows_each_cosine():
     cos = np.concatenate([np.full((150, 3), [0.9, -0.5, 0.1]), rng.uniform(-1, 1, (150, 3))])
     norms = rng.uniform(0.1, 2.0, cos.shape)
     norms[rng.random(cos.shape) < 0.2] = 0.0  # skipped tensors keep their λ and c̃
-    sched = make_schedule("geometry_per_layer")
+    sched = make_schedule("geometry_cosine_per_layer")  # SPEC's original controller, by its new name
     lam = drive(sched, cos, norms)
     for k in range(3):
         np.testing.assert_allclose(lam[:, k], spec_lambdas(as_fp32(cos[:, k]), as_fp32(norms[:, k])), rtol=1e-4)
@@ -198,11 +198,17 @@ def test_warmup_only_and_constant_schedules():
 
 def test_make_schedule_names_and_errors():
     assert isinstance(make_schedule("constant"), ConstantSchedule)
-    geo = make_schedule("geometry", target=0.2, warmup=7)
-    assert isinstance(geo, GeometryAwareLR) and not geo.per_layer and geo.name == "geometry"
+    # issue #14: "geometry" is now the random-walk test; SPEC's original is "geometry_cosine"
+    geo = make_schedule("geometry_cosine", target=0.2, warmup=7)
+    assert isinstance(geo, GeometryAwareLR) and not geo.per_layer and geo.name == "geometry_cosine"
     assert (geo.target, geo.warmup) == (0.2, 7)
+    per = make_schedule("geometry_cosine_per_layer")
+    assert isinstance(per, GeometryAwareLR) and per.per_layer and per.name == "geometry_cosine_per_layer"
+    rw = make_schedule("geometry", beta=0.5, warmup=7)
+    assert isinstance(rw, RandomWalkLR) and not rw.per_layer and rw.name == "geometry"
+    assert (rw.beta, rw.warmup) == (0.5, 7)
     per = make_schedule("geometry_per_layer")
-    assert per.per_layer and per.name == "geometry_per_layer"
+    assert isinstance(per, RandomWalkLR) and per.per_layer and per.name == "geometry_per_layer"
     wc = make_schedule("warmup_cosine", total_steps=100, warmup=10, min_mult=0.05)
     assert isinstance(wc, WarmupCosineSchedule) and (wc.total_steps, wc.warmup, wc.min_mult) == (100, 10, 0.05)
     with pytest.raises(ValueError, match="unknown schedule"):

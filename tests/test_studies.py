@@ -11,7 +11,6 @@ from nup.cli import main
 from nup.studies import STUDIES
 from nup.studies.catapult import UVModel, classify
 from nup.studies.eos import edge_summary
-from nup.studies.schedule import catapult_phase
 
 MB = 1 << 20
 
@@ -142,45 +141,6 @@ def test_catapult_classifier_on_synthetic_trajectories():
     assert classify([0.5, 1e7], 1.0, None) == "divergent"
 
 
-def test_schedule_quick_values(quick):
-    results, _ = quick("schedule")
-    runs = results["runs"]
-    assert set(runs) == {"constant", "geometry", "warmup_cosine", "constant_matched"}
-    mean_mult = sum(runs["geometry"]["lr_mult"]) / len(runs["geometry"]["lr_mult"])
-    assert runs["constant_matched"]["lr"] == pytest.approx(results["config"]["lr"] * mean_mult)
-    steps = results["config"]["steps"]
-    assert runs["constant"]["lr_mult"] == [1.0] * steps
-    assert runs["warmup_cosine"]["lr_mult"][0] < 1.0
-    for r in runs.values():
-        assert len(r["loss"]) == len(r["cos"]) == steps
-        assert all(-1 <= c <= 1 for c in r["cos"])
-        assert all(s > 0 for s in r["sharpness"]) and all(s >= 0 for s in r["sharpness_eff"])
-    assert all(s > 0 for s in runs["constant"]["sharpness_eff"])
-    assert runs["warmup_cosine"]["sharpness_eff"][-1] == 0  # the cosine ends at lr 0: no step, no curvature
-
-
-def test_catapult_phase_definition():
-    steps = [0, 10, 20, 30, 40]
-    sharp = [1.0, 0.8, 0.79, 0.5, 0.6]
-    eff = [2.5, 1.5, 3.0, 3.0, 3.0]
-    phase = catapult_phase(steps, sharp, eff, 10)
-    # [0,10): beyond the edge and S falls 20%; [10,20): below the edge; [20,30): falls; [30,40): rises
-    assert phase["interval_starts"] == [0, 20] and phase["steps"] == 20
-    assert phase["first"] == 0 and phase["last_end"] == 30 and phase["beyond_edge_steps"] == 30
-
-
-def test_schedule_effective_sharpness_of_plain_gd_is_lr_times_sharpness():
-    """With equal per-tensor rates α, D^½HD^½ = α·H: the two curvatures differ by exactly α."""
-    from nup import NuMLP
-    from nup.studies.schedule import curvatures
-
-    torch.manual_seed(0)
-    model = NuMLP(6, 3, 3, 4, activation="tanh").double()
-    x, y = torch.randn(10, 6, dtype=torch.float64), torch.randint(0, 3, (10,))
-    s, s_eff = curvatures(model, (x, y), [0.3] * 3)
-    assert s > 0 and s_eff == pytest.approx(0.3 * s, rel=1e-6)
-
-
 def test_eos_quick_values(quick):
     results, _ = quick("eos")
     s0 = results["sharpness0"]
@@ -237,8 +197,8 @@ def test_options_reach_the_config():
     assert cfg.max_width is None and cfg.depths == (4, 8) and cfg.lrs == (0.1, 0.2, 0.4)
     assert config("study", "depth_transfer").max_width == 128
     assert config("study", "coord_check", "--quick", "--max-width", "64").max_width == 64
-    cfg = config("study", "schedule", "--matched-control", "no", "--seed", "3")
-    assert cfg.matched_control is False and cfg.seed == 3
+    cfg = config("study", "schedule", "--seeds", "5", "--seed", "3")  # issue #14: seeds replace --matched-control
+    assert cfg.seeds == 5 and cfg.seed == 3
     assert config("study", "catapult", "--uv-units", "0.5,2,4").uv_units == (0.5, 2.0, 4.0)
 
 

@@ -3,8 +3,9 @@
 Studies: depth_transfer (loss against lr per depth under nup, sp, sp_inv_depth, and the drift
 of the optimal lr), coord_check (preactivation RMS and its change against depth), catapult
 (lazy / catapult / divergent phases of plain GD on MSE, for the uv model and an EOC ReLU MLP),
-schedule (constant vs geometry-aware vs warmup+cosine lr on a νP model: loss, sharpness,
-cosine, lr and the length of the catapult phase) and eos (sharpness against 2/η under
+schedule (the geometry-aware controllers against a tuned constant-lr sweep, an open-loop replay
+and warm-up + decay on a νP model, MSE, full batch, several seeds: η·S, η·λ₀ and the catapult
+duration with confidence intervals) and eos (sharpness against 2/η under
 full-batch GD). Each default runs on two CPU cores in under 10 minutes; --quick runs a tiny
 version in seconds (its figures and README say so); the study options below scale a study up
 (e.g. on a GPU with --device cuda).
