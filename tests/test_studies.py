@@ -4,6 +4,7 @@ classifiers and phase definitions are checked on synthetic trajectories; CLI err
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -59,34 +60,60 @@ def test_quick_run_writes_json_png_and_readme(quick, name):
 
 def test_depth_transfer_quick_values(quick):
     results, out = quick("depth_transfer")
-    runs = results["runs"]
     cfg = results["config"]
-    assert len(runs) == len(cfg["parameterizations"]) * len(cfg["depths"]) * len(cfg["lrs"])
+    assert results["horizons"] == [cfg["horizon"], 2 * cfg["horizon"], 4 * cfg["horizon"]]
+    runs = results["runs"]
+    by_key = {}
     for r in runs:
-        assert r["diverged"] or (0 < r["train_loss"] < 20 and 0 <= r["train_acc"] <= 1)
-        # the quick config caps νP widths at 16 (m = 2): depth 6 has n_5 = 50, depth 3 has n_2 = 8
-        assert r["widths_capped"] == (r["parameterization"] == "nup" and r["depth"] == 6)
-    assert results["capped_runs"] == len(cfg["lrs"])
-    for entry in results["analysis"]["parameterizations"].values():
-        for by_depth in entry["by_depth"].values():
-            opt = by_depth["optimum"]
-            assert min(cfg["lrs"]) <= opt["refined"] <= max(cfg["lrs"])
-            assert opt["loss"] == min(v for v in by_depth["losses"] if v is not None)
-        drift = entry["drift"]
-        assert drift["ratio"] > 0 and math.isfinite(drift["slope_loglog"])
-    assert "Capped widths" in (out / "README.md").read_text(encoding="utf-8")
+        assert set(r["metric"]) == {str(h) for h in results["horizons"]}
+        assert all(v is None or 0 < v < 1e4 for v in r["metric"].values())
+        assert not r["widths_capped"]
+        by_key.setdefault((r["task"], r["parameterization"], r["depth"]), set()).add((r["j"], r["seed"]))
+    for (task, variant, depth), done in by_key.items():
+        js = sorted({j for j, _ in done})
+        assert js == list(range(js[0], js[-1] + 1))  # a contiguous √2 grid
+        assert cfg["lr_points"] <= len(js) <= cfg["max_lr_points"]
+        assert len(done) == len(js) * cfg["seeds"]  # every lr has every seed
+        entry = results["analysis"][task]["parameterizations"][variant]
+        for h in results["horizons"]:
+            e = entry["horizons"][str(h)]["by_depth"][str(depth)]
+            assert e["lrs"] == pytest.approx([cfg["lr_centre"] * math.sqrt(2) ** j for j in js])
+            assert e["trained"] == (e["optimum"]["loss"] <= results["analysis"][task]["chance_loss"] / 2)
+    readme = (out / "README.md").read_text(encoding="utf-8")
+    assert "T(L) prediction" in readme and "95% CI" in readme
 
 
-def test_optimal_lr_refines_between_neighbours():
-    from nup.studies.depth_transfer import optimal_lr
+def test_optimal_lr_is_the_log_log_parabola_vertex():
+    from nup.studies.lr_optimum import optimal_lr
 
-    lrs = [0.01, 0.1, 1.0]
-    sym = optimal_lr(lrs, [2.0, 1.0, 2.0])
-    assert sym["grid"] == 0.1 and sym["refined"] == pytest.approx(0.1) and not sym["at_edge"]
-    skew = optimal_lr(lrs, [1.5, 1.0, 2.0])
-    assert 0.01 < skew["refined"] < 0.1  # the vertex leans towards the lower neighbour
-    assert optimal_lr(lrs, [3.0, 2.0, 1.0])["at_edge"]
-    assert optimal_lr(lrs, [math.inf] * 3)["grid"] is None
+    lrs = [0.01 * math.sqrt(2) ** j for j in range(7)]
+    true = 0.01 * math.sqrt(2) ** 3.3
+    losses = [math.exp(0.5 * (math.log(lr / true)) ** 2) * 0.2 for lr in lrs]
+    opt = optimal_lr(lrs, losses)
+    assert opt["grid"] == pytest.approx(lrs[3]) and not opt["at_edge"]
+    assert opt["refined"] == pytest.approx(true, rel=1e-6)  # exact for a parabola in (log lr, log loss)
+    assert optimal_lr(lrs, sorted(losses))["at_edge"]
+    diverged = losses[:5] + [math.inf, math.inf]
+    assert optimal_lr(lrs, diverged)["refined"] == pytest.approx(true, rel=1e-6)
+    assert optimal_lr(lrs, [math.inf] * 7)["grid"] is None
+
+
+def test_slope_ci_covers_a_planted_slope_and_excludes_zero():
+    from nup.studies.lr_optimum import slope_with_ci
+
+    rng = np.random.default_rng(0)
+    depths = [4, 8, 16, 32]
+    lrs, per_seed = {}, {}
+    for d in depths:
+        eta = 0.5 * d**-0.6
+        lrs[d] = [eta * math.sqrt(2) ** j for j in range(-3, 4)]
+        clean = np.array([0.5 * math.log(lr / eta) ** 2 for lr in lrs[d]])
+        per_seed[d] = 0.3 * np.exp(clean + 0.02 * rng.standard_normal((4, len(lrs[d]))))
+    fit = slope_with_ci(depths, lrs, per_seed, n_boot=200)
+    assert fit["slope"] == pytest.approx(-0.6, abs=0.05)
+    lo, hi = fit["ci95"]
+    assert lo <= fit["slope"] <= hi and hi < 0 and hi - lo < 0.2
+    assert slope_with_ci([4], lrs, per_seed)["slope"] is None
 
 
 def test_coord_check_quick_values(quick):
@@ -233,9 +260,12 @@ def test_options_reach_the_config():
     def config(*argv):
         return make_config(argv[1], build_parser("study").parse_args(list(argv)))
 
-    cfg = config("study", "depth_transfer", "--max-width", "0", "--depths", "4,8", "--lrs", "0.1,0.2,0.4")
-    assert cfg.max_width is None and cfg.depths == (4, 8) and cfg.lrs == (0.1, 0.2, 0.4)
-    assert config("study", "depth_transfer").max_width == 128
+    cfg = config("study", "depth_transfer", "--max-width", "0", "--depths", "4,8", "--width-offset", "2",
+                 "--parameterizations", "nup_harmonic", "--horizon", "50")
+    assert cfg.max_width is None and cfg.depths == (4, 8) and cfg.width_offset == 2
+    assert cfg.parameterizations == ("nup_harmonic",) and cfg.horizon == 50
+    assert config("study", "depth_transfer").max_width is None  # capped νP is out of the headline
+    assert config("study", "depth_transfer", "--max-width", "256").max_width == 256
     assert config("study", "coord_check", "--quick", "--max-width", "64").max_width == 64
     cfg = config("study", "schedule", "--matched-control", "no", "--seed", "3")
     assert cfg.matched_control is False and cfg.seed == 3

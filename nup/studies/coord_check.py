@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from nup.report import Figure, Heading, Paragraph, Table
 from nup.studies._common import (
+    Flag,
     config_dict,
     environment,
     figure,
@@ -33,7 +34,10 @@ from nup.studies._common import (
 FLAT = 0.15
 """|slope| at or below which a curve counts as flat in depth (a factor ≤ 1.37 over 4 → 32)."""
 
-FLAGS = ()
+FLAGS = (
+    Flag("steps", "int", "optimizer steps (per run)"),
+    Flag("lrs", "floats", "learning rates (comma-separated)"),
+)
 
 
 @dataclass
