@@ -208,7 +208,6 @@ def train_one(cfg: Config, task: str, variant: str, depth: int, j: int, seed: in
 
 
 def _job(cfg_dict: dict[str, Any], job: tuple) -> dict[str, Any]:
-    torch.set_num_threads(1)
     return train_one(Config(**cfg_dict), *job)
 
 
@@ -237,13 +236,24 @@ def _extension(cfg: Config, runs: dict, key: tuple, js: list[int], chance: float
     return sorted(add)[: max(cfg.max_lr_points - len(js), 0)]
 
 
-def run_grid(cfg: Config, progress: bool = True) -> tuple[dict[tuple, dict], dict[tuple, list[int]], dict[str, float]]:
+def _save_runs(cfg: Config, out: Path, runs: dict[tuple, dict]) -> None:
+    """``results.json`` with the runs so far and no analysis: what survives an interrupted study."""
+    write_json_atomic(out / "results.json", {"study": "depth_transfer", "config": config_dict(cfg), "analysis": None,
+                                             "runs": list(runs.values())})
+
+
+def run_grid(cfg: Config, out: Path, progress: bool = True) -> tuple[dict[tuple, dict], dict[tuple, list[int]],
+                                                                     dict[str, float]]:
     """Every run of the study: depth by depth, each grid extended until its optimum is interior.
 
     Returns ``(runs keyed by (task, variant, depth, j, seed), grid indices per (task, variant, depth),
-    chance loss per task)``.
+    chance loss per task)``; the runs so far are saved to ``out`` after every round.
     """
+    import os
+
     from tqdm.auto import tqdm
+
+    from nup.sweep import _init_worker
 
     chance = {task: chance_loss(load_task(cfg, task)[1]) for task in cfg.tasks}
     runs: dict[tuple, dict] = {}
@@ -251,7 +261,8 @@ def run_grid(cfg: Config, progress: bool = True) -> tuple[dict[tuple, dict], dic
     centre = {(t, v): 0 for t in cfg.tasks for v in cfg.parameterizations}
     pool = None
     if cfg.workers > 1:
-        pool = ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn"))
+        pool = ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_worker, initargs=(os.getpid(),))
     bar = tqdm(desc="depth_transfer", unit="run", disable=None if progress else True, leave=False, total=0)
     try:
         for depth in cfg.depths:
@@ -270,6 +281,7 @@ def run_grid(cfg: Config, progress: bool = True) -> tuple[dict[tuple, dict], dic
                 for job, record in zip(todo, results):
                     runs[job] = record
                     bar.update()
+                _save_runs(cfg, out, runs)
                 for key, js in grids.items():
                     if key[2] == depth:
                         grids[key] = sorted(js + _extension(cfg, runs, key, js, chance[key[0]]))
@@ -437,9 +449,7 @@ def run(cfg: Config, out: str | Path, progress: bool = True) -> dict[str, Any]:
     _check(cfg)
     out = prepare_out(out)
     start = time.perf_counter()
-    runs, grids, chance = run_grid(cfg, progress)
-    write_json_atomic(out / "results.json", {"study": "depth_transfer", "config": config_dict(cfg), "analysis": None,
-                                             "runs": list(runs.values())})  # the runs, safe before the analysis
+    runs, grids, chance = run_grid(cfg, out, progress)
     analysis = analyse(cfg, runs, grids, chance)
     figures = _plots(cfg, analysis, out)
     env = environment(cfg.device, time.perf_counter() - start)
