@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from nup.io import write_json_atomic
 from nup.report import Figure, Heading, Paragraph, Table
+from nup.studies import variants
 from nup.studies._common import (
     Flag,
     config_dict,
@@ -39,14 +40,9 @@ from nup.studies._common import (
     write_outputs,
 )
 from nup.studies.lr_optimum import optimal_lr, slope_with_ci
+from nup.studies.variants import VARIANTS
 
 TASKS = ("teacher", "digits")
-VARIANTS = {
-    "sp": "constant widths, every layer moved by 1",
-    "sp_inv_depth": "constant widths, hidden moves 1/(L−2)",
-    "nup": "νP, offset widths m·(k + k0)²",
-    "nup_harmonic": "νP offset widths, hidden scales / T_hidden(L)",
-}
 GRID_RATIO = math.sqrt(2.0)
 HORIZONS = (1, 2, 4)
 """Horizons as multiples of ``Config.horizon``; every run lasts the longest."""
@@ -126,12 +122,8 @@ def _check(cfg: Config) -> None:
 
 
 def variant_config(cfg: Config, variant: str) -> tuple[int, dict[str, Any]]:
-    """``(m, NuMLP keywords)`` of a study parameterization (also what :mod:`nup.theory` reads)."""
-    if variant in ("sp", "sp_inv_depth"):
-        return cfg.sp_width, {"parameterization": variant, "activation": cfg.activation}
-    normalizer = "harmonic" if variant == "nup_harmonic" else "none"
-    return cfg.m, {"parameterization": "nup", "width_offset": cfg.width_offset, "depth_normalizer": normalizer,
-                   "activation": cfg.activation, "max_width": cfg.max_width}
+    """``(m, NuMLP keywords)`` of a study parameterization under ``cfg``."""
+    return variants.variant_config(variant, cfg.m, cfg.sp_width, cfg.width_offset, cfg.activation, cfg.max_width)
 
 
 def grid_lr(cfg: Config, j: int) -> float:
