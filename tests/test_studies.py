@@ -83,6 +83,22 @@ def test_depth_transfer_quick_values(quick):
     assert "T(L) prediction" in readme and "95% CI" in readme
 
 
+def test_depth_transfer_resumes_from_its_saved_runs(quick, tmp_path):
+    import shutil
+
+    results, out = quick("depth_transfer")
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    assert main(["study", "depth_transfer", "--quick", "--quiet", "--out", str(again)]) == 0
+    resumed = json.loads((again / "results.json").read_text(encoding="utf-8"))
+    assert resumed["runs"] == results["runs"]  # every run reused (their timings too), none redone
+    assert resumed["analysis"] == results["analysis"]
+    fresh = tmp_path / "other"
+    shutil.copytree(out, fresh)
+    assert main(["study", "depth_transfer", "--quick", "--quiet", "--horizon", "4", "--out", str(fresh)]) == 0
+    assert json.loads((fresh / "results.json").read_text(encoding="utf-8"))["config"]["horizon"] == 4
+
+
 def test_optimal_lr_is_the_log_log_parabola_vertex():
     from nup.studies.lr_optimum import optimal_lr
 

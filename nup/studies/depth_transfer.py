@@ -9,6 +9,8 @@ grid (ratio √2) starts at the previous depth's optimum and is extended until t
 interior; η* is the vertex of a parabola in (log lr, log loss). A depth whose best loss is above
 half of chance is "not trained" and left out of the fits. The slope of log η* against log L
 comes with a bootstrap 95% interval over seeds, beside the slope SPEC §2 predicts, η* ∝ 1/T(L).
+The runs are saved to ``results.json`` after every round; a rerun into the same folder with the
+same run settings reuses them (an interrupted study resumes; a narrower one re-analyses).
 """
 
 from __future__ import annotations
@@ -234,6 +236,25 @@ def _save_runs(cfg: Config, out: Path, runs: dict[tuple, dict]) -> None:
                                              "runs": list(runs.values())})
 
 
+RUN_FIELDS = ("horizon", "lr_centre", "lr_points", "batch_size", "m", "width_offset", "sp_width", "max_width",
+              "activation", "n_train", "teacher_shape", "seed", "device")
+"""Config fields a run's result depends on (with its task, parameterization, depth, lr and seed)."""
+
+
+def cached_runs(cfg: Config, out: Path) -> dict[tuple, dict]:
+    """Runs in ``out/results.json`` made under the same :data:`RUN_FIELDS` (a killed study resumes from them)."""
+    import json
+
+    path = out / "results.json"
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text(encoding="utf-8"))
+    now = config_dict(cfg)
+    if old.get("study") != "depth_transfer" or any(old["config"].get(k) != now[k] for k in RUN_FIELDS):
+        return {}
+    return {(r["task"], r["parameterization"], r["depth"], r["j"], r["seed"]): r for r in old["runs"]}
+
+
 def run_grid(cfg: Config, out: Path, progress: bool = True) -> tuple[dict[tuple, dict], dict[tuple, list[int]],
                                                                      dict[str, float]]:
     """Every run of the study: depth by depth, each grid extended until its optimum is interior.
@@ -248,6 +269,7 @@ def run_grid(cfg: Config, out: Path, progress: bool = True) -> tuple[dict[tuple,
     from nup.sweep import _init_worker
 
     chance = {task: chance_loss(load_task(cfg, task)[1]) for task in cfg.tasks}
+    cache = cached_runs(cfg, out)
     runs: dict[tuple, dict] = {}
     grids: dict[tuple, list[int]] = {}
     centre = {(t, v): 0 for t in cfg.tasks for v in cfg.parameterizations}
@@ -266,6 +288,8 @@ def run_grid(cfg: Config, out: Path, progress: bool = True) -> tuple[dict[tuple,
                         for j in js for s in range(cfg.seeds) if (*key, j, cfg.seed + s) not in runs]
                 if not todo:
                     break
+                runs.update({job: cache[job] for job in todo if job in cache})
+                todo = [job for job in todo if job not in runs]
                 bar.total += len(todo)
                 bar.set_postfix_str(f"L={depth}", refresh=False)
                 results = (pool.map(_job, [asdict(cfg)] * len(todo), todo) if pool
@@ -273,7 +297,8 @@ def run_grid(cfg: Config, out: Path, progress: bool = True) -> tuple[dict[tuple,
                 for job, record in zip(todo, results):
                     runs[job] = record
                     bar.update()
-                _save_runs(cfg, out, runs)
+                if todo:
+                    _save_runs(cfg, out, runs)
                 for key, js in grids.items():
                     if key[2] == depth:
                         grids[key] = sorted(js + _extension(cfg, runs, key, js, chance[key[0]]))
