@@ -135,17 +135,36 @@ def test_slope_ci_covers_a_planted_slope_and_excludes_zero():
 def test_coord_check_quick_values(quick):
     results, _ = quick("coord_check")
     cfg = results["config"]
-    assert set(results["lrs"]) == {str(lr) for lr in cfg["lrs"]}
-    for per_param in results["lrs"].values():
+    assert set(results["lrs"]) == set(results["judged"]) == {str(lr) for lr in cfg["lrs"]}
+    for lr, per_param in results["lrs"].items():
         assert set(per_param) == set(cfg["parameterizations"])
-        for entry in per_param.values():
+        for variant, entry in per_param.items():
+            judged = results["judged"][lr][variant]
             for depth in cfg["depths"]:
-                h, dh = entry["rms"]["h_rms"][str(depth)], entry["rms"]["dh_rms"][str(depth)]
-                assert len(h) == len(dh) == cfg["steps"] + 1 and all(len(row) == depth for row in h)
-                assert all(v > 0 for row in h for v in row)
-                assert dh[0] == [0.0] * depth and all(v > 0 for v in dh[-1])
-            slopes = entry["slopes"][str(cfg["steps"])]
-            assert all(math.isfinite(slopes[k]) for k in ("h_mean", "dh_last", "dh_mean", "df"))
+                e = entry[str(depth)]
+                assert len(e["rho"]) == depth - 1 and len(e["steps"]) == cfg["steps"]
+                for step in e["steps"]:
+                    assert len(step["own"]) == len(step["change"]) == depth - 1
+                    assert all(v > 0 for v in step["own"] + step["change"])
+                    assert step["df"] > 0 and step["df_readout"] > 0 and step["df_body"] > 0
+                j = judged["by_depth"][str(depth)]
+                # normalized steps on a batch of 16: every layer moves, by at most the rank-one η·ρ_k
+                assert all(0.05 < eff <= 1.0 + 1e-4 for eff in j["efficiency"])
+            assert all(math.isfinite(judged[k]) for k in ("slope_last", "predicted_slope_last", "slope_mid"))
+        harmonic = results["judged"][lr]["nup_harmonic"]
+        assert abs(harmonic["predicted_slope_last"]) < 1e-9  # T(L) is 2 at every depth
+
+
+def test_coord_check_own_move_is_exactly_lr_rho_at_batch_one():
+    from nup import NuMLP
+    from nup.studies.coord_check import measure
+
+    torch.manual_seed(0)
+    model = NuMLP(64, 10, 5, 64, width_offset=2)
+    x, y = torch.randn(1, 64), torch.tensor([3])
+    first = measure(model, 0.01, x, y, steps=1)[0]
+    # rank one: own move = η·s·‖x‖/‖W x‖ ≈ η·ρ_k (Gaussian W, width ≥ 576)
+    assert first["own"] == pytest.approx([0.01 * r for r in model.layout.rho], rel=0.1)
 
 
 def test_uv_ntk_is_the_closed_form():
