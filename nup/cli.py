@@ -13,6 +13,7 @@ COMMANDS = {
     "report": ("nup.report", "render a run or sweep directory as Markdown and HTML"),
     "study": ("nup.studies", "run one of the studies (depth transfer, coord check, catapult, ...)"),
     "bench": ("nup.bench", "run a benchmark suite and write JSON/CSV/Markdown/PNG results"),
+    "plan": ("nup.plan", "the memory a configuration needs per path, and whether it fits one GPU or how many"),
 }
 
 
