@@ -173,6 +173,7 @@ def judge(cfg: Config, lr: float, by_depth: dict[str, Any]) -> dict[str, Any]:
             predicted = lr * cfg.steps * sum(rho[:ell])
             row[f"change_{name}"] = last["change"][ell - 1]
             row[f"predicted_{name}"] = predicted
+            row[f"predicted_eff_{name}"] = lr * cfg.steps * sum(e * r for e, r in zip(eff[:ell], rho[:ell]))
             row[f"ratio_{name}"] = last["change"][ell - 1] / predicted
             row[f"coherence_{name}"] = first["change"][ell - 1] / sum(first["own"][:ell])
         row.update({k: last[k] for k in ("df", "df_readout", "df_body")})
@@ -181,6 +182,8 @@ def judge(cfg: Config, lr: float, by_depth: dict[str, Any]) -> dict[str, Any]:
     for name in ("mid", "last"):
         out[f"slope_{name}"] = finite_or_none(loglog_slope(depths, [r[f"change_{name}"] for r in rows]))
         out[f"predicted_slope_{name}"] = finite_or_none(loglog_slope(depths, [r[f"predicted_{name}"] for r in rows]))
+        out[f"predicted_eff_slope_{name}"] = finite_or_none(
+            loglog_slope(depths, [r[f"predicted_eff_{name}"] for r in rows]))
     for key in ("df", "df_readout", "df_body", "efficiency_median"):
         out[f"slope_{key}"] = finite_or_none(loglog_slope(depths, [r[key] for r in rows]))
     return out
@@ -240,8 +243,8 @@ def _readme(cfg: Config, judged: dict, env: dict, figures: list[str]) -> list:
             effs = [j["by_depth"][str(d)]["efficiency_median"] for d in cfg.depths]
             rows.append([lr, variant, f"{min(effs):.2f}–{max(effs):.2f}",
                          fmt(np.median([j["by_depth"][str(d)]["coherence_last"] for d in cfg.depths])),
-                         *[_signed(j[k]) for k in ("slope_last", "predicted_slope_last", "slope_mid",
-                                                   "predicted_slope_mid")],
+                         *[_signed(j[k]) for k in ("slope_last", "predicted_slope_last", "predicted_eff_slope_last",
+                                                   "slope_mid", "predicted_slope_mid")],
                          fmt(j["by_depth"][big]["ratio_last"]), "yes" if flat else "no", "yes" if expected else "no"])
             b = j["by_depth"][big]
             split.append([lr, variant, fmt(b["df"]), fmt(b["df_readout"]), fmt(b["df_body"]),
@@ -260,10 +263,12 @@ def _readme(cfg: Config, judged: dict, env: dict, figures: list[str]) -> list:
                   "rank-one step; a batch gradient of higher rank moves less). Coherence: the change at ℓ = L − 1 "
                   "over the sum of the own moves of layers 1 … ℓ at t = 1 (1 = the moves add coherently), median "
                   f"over depths. Slopes of log RMS(Δh_ℓ)/RMS(h_ℓ) against log L at t = {cfg.steps}, measured and "
-                  "predicted (t·η·Σ_{k≤ℓ} ρ_k); ratio = measured over predicted at the largest depth. Flat = "
+                  "predicted (t·η·Σ_{k≤ℓ} ρ_k, and t·η·Σ_{k≤ℓ} e_k·ρ_k with each layer's measured efficiency e_k); "
+                  "ratio = measured over predicted at the largest depth. Flat = "
                   f"|slope| ≤ {FLAT}; flat is expected only where the prediction is flat (the harmonic normalizer)."),
-        Table(["lr", "parameterization", "efficiency", "coherence", "slope ℓ=L−1", "predicted", "slope ℓ=⌈L/2⌉",
-               "predicted", f"ratio at L={big}", "flat", "flat expected"], rows),
+        Table(["lr", "parameterization", "efficiency", "coherence", "slope ℓ=L−1", "predicted",
+               "predicted × efficiency", "slope ℓ=⌈L/2⌉", "predicted", f"ratio at L={big}", "flat", "flat expected"],
+              rows),
         Heading("The output's change, split"),
         Paragraph(f"RMS of the output's change after {cfg.steps} steps at depth {big}: total, the readout's own move "
                   "(new readout on the initial features) and the body's (new body through the initial readout); "
