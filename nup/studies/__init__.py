@@ -1,11 +1,13 @@
 """Run one of the studies of SPEC §5, or all of them, and write results.json, PNG figures and README.md.
 
-Studies: depth_transfer (loss against lr per depth under nup, sp, sp_inv_depth, and the drift
-of the optimal lr), coord_check (preactivation RMS and its change against depth), catapult
+Studies: depth_transfer (η* against depth under sp, sp_inv_depth, νP with offset widths and νP +
+harmonic normalizer, with seeds, bootstrap CIs and SPEC's T(L) prediction; its default needs
+about 25 CPU-minutes per task, two worker processes), coord_check (each layer's move and the change at fixed ℓ/L against
+SPEC's prediction), catapult
 (lazy / catapult / divergent phases of plain GD on MSE, for the uv model and an EOC ReLU MLP),
 schedule (constant vs geometry-aware vs warmup+cosine lr on a νP model: loss, sharpness,
 cosine, lr and the length of the catapult phase) and eos (sharpness against 2/η under
-full-batch GD). Each default runs on two CPU cores in under 10 minutes; --quick runs a tiny
+full-batch GD). Each other default runs on two CPU cores in under 10 minutes; --quick runs a tiny
 version in seconds; the study options below scale a study up (e.g. on a GPU with --device cuda).
 Options a study does not use are refused.
 """
