@@ -93,6 +93,10 @@ def test_depth_transfer_resumes_from_its_saved_runs(quick, tmp_path):
     resumed = json.loads((again / "results.json").read_text(encoding="utf-8"))
     assert resumed["runs"] == results["runs"]  # every run reused (their timings too), none redone
     assert resumed["analysis"] == results["analysis"]
+    assert main(["study", "depth_transfer", "--quick", "--quiet", "--reanalyse", "yes", "--out", str(again)]) == 0
+    assert json.loads((again / "results.json").read_text(encoding="utf-8"))["analysis"] == results["analysis"]
+    assert main(["study", "depth_transfer", "--quick", "--quiet", "--reanalyse", "yes", "--out",
+                 str(tmp_path / "empty")]) == 2  # nothing saved there: one clear error
     fresh = tmp_path / "other"
     shutil.copytree(out, fresh)
     assert main(["study", "depth_transfer", "--quick", "--quiet", "--horizon", "4", "--out", str(fresh)]) == 0

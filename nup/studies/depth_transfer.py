@@ -70,6 +70,7 @@ FLAGS = (
     Flag("seeds", "int", "seeds per configuration (at least 2 for a confidence interval)"),
     Flag("bootstrap", "int", "bootstrap replicates for the slope's confidence interval"),
     Flag("workers", "int", "worker processes (one torch thread each)"),
+    Flag("reanalyse", "bool", "no new runs: analyse the runs saved in --out (an interrupted study's complete lrs)"),
 )
 
 
@@ -95,6 +96,7 @@ class Config:
     seeds: int = 3
     bootstrap: int = 1000
     workers: int = 2
+    reanalyse: bool = False
     seed: int = 0
     device: str = "cpu"
 
@@ -253,6 +255,28 @@ def cached_runs(cfg: Config, out: Path) -> dict[tuple, dict]:
     if old.get("study") != "depth_transfer" or any(old["config"].get(k) != now[k] for k in RUN_FIELDS):
         return {}
     return {(r["task"], r["parameterization"], r["depth"], r["j"], r["seed"]): r for r in old["runs"]}
+
+
+def saved_grid(cfg: Config, out: Path) -> tuple[dict[tuple, dict], dict[tuple, list[int]], dict[str, float]]:
+    """:func:`run_grid`'s result from the runs saved in ``out`` alone: every lr that has all seeds.
+
+    Depths missing for some task and parameterization are dropped from ``cfg.depths`` (in place).
+    """
+    runs = cached_runs(cfg, out)
+    if not runs:
+        raise ValueError(f"no saved runs with these run settings in {out}/results.json; run without --reanalyse")
+    grids: dict[tuple, list[int]] = {}
+    for task, variant, depth, j, _ in runs:
+        if all((task, variant, depth, j, cfg.seed + s) in runs for s in range(cfg.seeds)):
+            grids.setdefault((task, variant, depth), [])
+            if j not in grids[task, variant, depth]:
+                grids[task, variant, depth].append(j)
+    grids = {k: sorted(v) for k, v in grids.items()}
+    cfg.depths = tuple(d for d in cfg.depths
+                       if all((t, v, d) in grids for t in cfg.tasks for v in cfg.parameterizations))
+    if not cfg.depths:
+        raise ValueError(f"the runs saved in {out} cover no depth for every task and parameterization")
+    return runs, grids, {task: chance_loss(load_task(cfg, task)[1]) for task in cfg.tasks}
 
 
 def run_grid(cfg: Config, out: Path, progress: bool = True) -> tuple[dict[tuple, dict], dict[tuple, list[int]],
@@ -466,7 +490,7 @@ def run(cfg: Config, out: str | Path, progress: bool = True) -> dict[str, Any]:
     _check(cfg)
     out = prepare_out(out)
     start = time.perf_counter()
-    runs, grids, chance = run_grid(cfg, out, progress)
+    runs, grids, chance = saved_grid(cfg, out) if cfg.reanalyse else run_grid(cfg, out, progress)
     analysis = analyse(cfg, runs, grids, chance)
     figures = _plots(cfg, analysis, out)
     env = environment(cfg.device, time.perf_counter() - start)
