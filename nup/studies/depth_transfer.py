@@ -15,6 +15,7 @@ same run settings reuses them (an interrupted study resumes; a narrower one re-a
 
 from __future__ import annotations
 
+import json
 import math
 import multiprocessing
 import time
@@ -245,8 +246,6 @@ RUN_FIELDS = ("horizon", "lr_centre", "lr_points", "batch_size", "m", "width_off
 
 def cached_runs(cfg: Config, out: Path) -> dict[tuple, dict]:
     """Runs in ``out/results.json`` made under the same :data:`RUN_FIELDS` (a killed study resumes from them)."""
-    import json
-
     path = out / "results.json"
     if not path.is_file():
         return {}
@@ -433,7 +432,7 @@ def _ci(fit: dict) -> str:
 
 
 def _signed(value: float | None) -> str:
-    return "n/a" if value is None else f"{value + 0.0:+.2f}"
+    return "n/a" if value is None else f"{round(value, 2) + 0.0:+.2f}"
 
 
 def _readme(cfg: Config, analysis: dict, runs: dict, env: dict, figures: list[str]) -> list:
@@ -490,13 +489,21 @@ def run(cfg: Config, out: str | Path, progress: bool = True) -> dict[str, Any]:
     _check(cfg)
     out = prepare_out(out)
     start = time.perf_counter()
-    runs, grids, chance = saved_grid(cfg, out) if cfg.reanalyse else run_grid(cfg, out, progress)
+    runs_env = None
+    if cfg.reanalyse:  # keep the environment the runs were made in
+        runs, grids, chance = saved_grid(cfg, out)  # raises if out has no saved runs
+        saved = json.loads((out / "results.json").read_text(encoding="utf-8"))
+        runs_env = saved.get("runs_environment") or saved.get("environment")
+    else:
+        runs, grids, chance = run_grid(cfg, out, progress)
     analysis = analyse(cfg, runs, grids, chance)
     figures = _plots(cfg, analysis, out)
     env = environment(cfg.device, time.perf_counter() - start)
+    runs_env = runs_env or env
     results = {"study": "depth_transfer", "config": config_dict(cfg), "horizons": horizons(cfg),
-               "analysis": analysis, "runs": list(runs.values()), "figures": figures, "environment": env}
-    write_outputs(out, results, _readme(cfg, analysis, runs, env, figures))
+               "analysis": analysis, "runs": list(runs.values()), "figures": figures, "environment": env,
+               "runs_environment": runs_env}
+    write_outputs(out, results, _readme(cfg, analysis, runs, runs_env, figures))
     return results
 
 
