@@ -230,7 +230,7 @@ def _plots(cfg: Config, results: dict, judged: dict, out: Path) -> list[str]:
 
 
 def _signed(value: float | None) -> str:
-    return "n/a" if value is None else f"{value + 0.0:+.2f}"
+    return "n/a" if value is None else f"{round(value, 2) + 0.0:+.2f}"
 
 
 def _readme(cfg: Config, judged: dict, env: dict, figures: list[str]) -> list:
