@@ -54,7 +54,7 @@ WINDOW = 0.2
 
 FLAGS = (
     Flag("depths", "ints", "depths L (comma-separated)"),
-    Flag("parameterizations", "strs", "depth_transfer: among sp, sp_inv_depth, nup, nup_harmonic (comma-separated)"),
+    Flag("parameterizations", "strs", "among sp, sp_inv_depth, nup (offset widths), nup_harmonic (comma-separated)"),
     Flag("tasks", "strs", "tasks among teacher, digits (comma-separated)"),
     Flag("horizon", "int", "horizon T in steps; runs last 4T, metrics at T, 2T and 4T"),
     Flag("lr_centre", "float", "centre of the first depth's lr grid (later depths start at the previous optimum)"),
