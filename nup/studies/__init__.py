@@ -1,9 +1,9 @@
 """Run one of the studies of SPEC §5, or all of them, and write results.json, PNG figures and README.md.
 
 Studies: depth_transfer (η* against depth under sp, sp_inv_depth, νP with offset widths and νP +
-harmonic normalizer, with seeds, bootstrap CIs and SPEC's T(L) prediction; its default needs
-about 25 CPU-minutes per task, two worker processes), coord_check (each layer's move and the change at fixed ℓ/L against
-SPEC's prediction), catapult
+harmonic normalizer, with seeds, bootstrap CIs and SPEC's T(L) prediction; its default is the
+longest: 12 minutes for one task's depth 32 on a shared 2-core machine, two worker processes),
+coord_check (each layer's move and the change at fixed ℓ/L against SPEC's prediction), catapult
 (lazy / catapult / divergent phases of plain GD on MSE, for the uv model and an EOC ReLU MLP),
 schedule (constant vs geometry-aware vs warmup+cosine lr on a νP model: loss, sharpness,
 cosine, lr and the length of the catapult phase) and eos (sharpness against 2/η under
