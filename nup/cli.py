@@ -14,6 +14,7 @@ COMMANDS = {
     "study": ("nup.studies", "run one of the studies (depth transfer, coord check, catapult, ...)"),
     "bench": ("nup.bench", "run a benchmark suite and write JSON/CSV/Markdown/PNG results"),
     "baseline": ("nup.baseline", "fit a plain baseline (scikit-learn MLP/Adam or logistic regression) on the digits"),
+    "plan": ("nup.plan", "the memory a configuration needs per path, and whether it fits one GPU or how many"),
 }
 
 

@@ -17,12 +17,11 @@ from torch import nn
 from nup.eoc import EOCPoint, edge_of_chaos
 from nup.parameterization import (
     DEFAULT_WIDTH_LIMIT,
-    ParamInfo,
     Role,
     WidthSchedule,
     bias_scale_of,
+    layer_layout,
     resolve_parameterization,
-    weight_scale,
 )
 from nup_kernels.activations import NAMED, Activation, get_activation
 from nup_kernels.backend import use_triton
@@ -109,6 +108,9 @@ class NuMLP(nn.Module):
         readout: ``"mup"`` (``c_out/n_{L−1}``, default) or ``"ntk"`` (``c_out/√n_{L−1}``).
         sigma_b2: ``σ_b²`` of the EOC point (0 for the ``a·s + b·|s|`` family).
         c_out: readout multiplier.
+        width_offset: ``k0 ≥ 0``; hidden widths are the schedule at ``k + k0`` (``m·(k + k0)²``).
+        depth_normalizer: ``"none"`` or ``"harmonic"`` (every hidden ``s_P`` divided by
+            ``T_hidden(L) = Σ_{k=2}^{L−1} ρ_k``, so the hidden block moves like one layer at any depth).
     """
 
     def __init__(
@@ -125,6 +127,8 @@ class NuMLP(nn.Module):
         readout: str = "mup",
         sigma_b2: float = 0.0,
         c_out: float = 1.0,
+        width_offset: int = 0,
+        depth_normalizer: str = "none",
     ) -> None:
         super().__init__()
         for name, value, low in (
@@ -145,27 +149,22 @@ class NuMLP(nn.Module):
         self.activation = act
         self.eoc: EOCPoint = edge_of_chaos(act, sigma_b2)
         self.param = resolve_parameterization(parameterization, m, width_schedule)
-        hidden = self.param.hidden_widths(depth)
-        if any(n < 1 for n in hidden):
-            raise ValueError(f"the width schedule gave non-positive widths {hidden}")
-        self.capped = max_width is not None and any(n > max_width for n in hidden)
-        if max_width is not None:
-            hidden = [min(n, max_width) for n in hidden]
-        elif max(hidden, default=0) > DEFAULT_WIDTH_LIMIT:
+        sigma_w, sigma_b = self.eoc.sigma_w, math.sqrt(sigma_b2)
+        self.layout = layer_layout(self.param, in_features, out_features, depth, m, sigma_w, readout,
+                                   width_offset, depth_normalizer, max_width)
+        self.capped = self.layout.capped
+        if max_width is None and max(self.layout.widths[1:-1], default=0) > DEFAULT_WIDTH_LIMIT:
             raise ValueError(
-                f"hidden width {max(hidden)} exceeds {DEFAULT_WIDTH_LIMIT}; pass max_width=N to cap the widths "
-                "explicitly (the model then reports capped=True), or lower m or depth"
+                f"hidden width {max(self.layout.widths[1:-1])} exceeds {DEFAULT_WIDTH_LIMIT}; pass max_width=N to "
+                "cap the widths explicitly (the model then reports capped=True), or lower m, width_offset or depth"
             )
         self.depth, self.m, self.readout, self.c_out = depth, m, readout, float(c_out)
-        self.widths = [in_features, *hidden, out_features]
-        sigma_w, sigma_b = self.eoc.sigma_w, math.sqrt(sigma_b2)
+        self.width_offset, self.depth_normalizer = width_offset, depth_normalizer
+        self.widths = list(self.layout.widths)
         identity = NAMED["identity"]
         layers = []
-        for k in range(1, depth + 1):
-            fan_in, fan_out = self.widths[k - 1], self.widths[k]
-            role: Role = "input" if k == 1 else "readout" if k == depth else "hidden"
-            info = ParamInfo(role, k, fan_in, fan_out, m, depth, sigma_w)
-            s_w = weight_scale(info, self.param.hidden_scale, readout)
+        for k, (info, s_w) in enumerate(zip(self.layout.infos, self.layout.scales), start=1):
+            fan_in, fan_out, role = info.fan_in, info.fan_out, info.role
             w_meta = ParamMeta(k, role, s_w)
             if role == "readout":
                 alpha = self.c_out / (fan_in if readout == "mup" else math.sqrt(fan_in))
@@ -196,4 +195,5 @@ class NuMLP(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"widths={self.widths}, parameterization={self.param.name}, capped={self.capped}"
+        return (f"widths={self.widths}, parameterization={self.param.name}, width_offset={self.width_offset}, "
+                f"depth_normalizer={self.depth_normalizer}, capped={self.capped}")

@@ -2,9 +2,11 @@
 
 A parameterization is a width schedule (``k ↦ n_k`` for hidden layers k = 1 … L−1) plus a
 scale rule (the Frobenius norm a normalized step of rate 1 takes on each tensor). The named
-ones are ``nup`` (quadratic widths, the same hidden step everywhere), ``sp`` (constant
-widths, every layer moved by a relative 1) and ``sp_inv_depth`` (constant widths, hidden
-steps divided by L−2).
+ones are ``nup`` (quadratic widths, the input layer's step on every hidden layer), ``sp``
+(constant widths, every layer moved by a relative 1) and ``sp_inv_depth`` (constant widths,
+hidden steps divided by L−2). A step of norm ``s_P`` moves its layer's pre-activations by a
+relative ``ρ_k = s_P/√n_k``. :func:`layer_layout` resolves a whole network (widths, scales,
+the depth normalizer) without allocating it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ class ParamInfo:
     m: int
     depth: int
     sigma_w: float
+    first_width: int | None = None
+    """``n_1``, the first hidden width (None: ``m``, as under pure quadratic widths)."""
+
+    @property
+    def n1(self) -> int:
+        return self.m if self.first_width is None else self.first_width
 
 
 ScaleRule = Callable[[ParamInfo], float]
@@ -57,15 +65,15 @@ WIDTH_SCHEDULES: dict[str, Callable[[int], WidthSchedule]] = {
 
 
 def _hidden_nup(p: ParamInfo) -> float:
-    return math.sqrt(p.m) / p.sigma_w
+    return math.sqrt(p.n1)
 
 
 def _hidden_sp(p: ParamInfo) -> float:
-    return math.sqrt(p.fan_out) / p.sigma_w
+    return math.sqrt(p.fan_out)
 
 
 def _hidden_sp_inv_depth(p: ParamInfo) -> float:
-    return math.sqrt(p.fan_out) / (p.sigma_w * max(p.depth - 2, 1))
+    return math.sqrt(p.fan_out) / max(p.depth - 2, 1)
 
 
 HIDDEN_SCALE_RULES: dict[str, ScaleRule] = {
@@ -90,9 +98,9 @@ class Parameterization:
     width_schedule_name: str
     hidden_scale: ScaleRule
 
-    def hidden_widths(self, depth: int) -> list[int]:
-        """``[n_1, …, n_{L−1}]`` for a network of ``depth`` weight layers."""
-        return [int(self.width_schedule(k)) for k in range(1, depth)]
+    def hidden_widths(self, depth: int, width_offset: int = 0) -> list[int]:
+        """``[n_1, …, n_{L−1}]`` for ``depth`` weight layers; the schedule is read at ``k + width_offset``."""
+        return [int(self.width_schedule(k + width_offset)) for k in range(1, depth)]
 
 
 def resolve_parameterization(
@@ -149,7 +157,7 @@ def resolve_parameterization(
 def weight_scale(info: ParamInfo, hidden_rule: ScaleRule, readout: str) -> float:
     """``s_P`` of a weight matrix (SPEC §2's table)."""
     if info.role == "input":
-        return math.sqrt(info.fan_out) / info.sigma_w
+        return math.sqrt(info.fan_out)
     if info.role == "hidden":
         return float(hidden_rule(info))
     if info.role == "readout":
@@ -158,6 +166,70 @@ def weight_scale(info: ParamInfo, hidden_rule: ScaleRule, readout: str) -> float
 
 
 def bias_scale_of(weight_info: ParamInfo, weight_s: float, sigma_b: float, q_star: float) -> float:
-    """``s_b = ρ_k·√(n_k·q*)/σ_b`` with ``ρ_k = σ_w·s_W/√n_k`` the relative move of the layer's weight."""
-    rho = weight_info.sigma_w * weight_s / math.sqrt(weight_info.fan_out)
+    """``s_b = ρ_k·√(n_k·q*)/σ_b`` with ``ρ_k = s_W/√n_k`` the relative move of the layer's weight."""
+    rho = weight_s / math.sqrt(weight_info.fan_out)
     return rho * math.sqrt(weight_info.fan_out * q_star) / sigma_b
+
+
+DEPTH_NORMALIZERS = ("none", "harmonic")
+
+
+def layer_rho(widths: list[int], scales: list[float]) -> list[float]:
+    """``[ρ_1, …, ρ_{L−1}]``, ``ρ_k = s_k/√n_k``: the relative move of ``h_k`` per unit lr (SPEC §2)."""
+    return [s / math.sqrt(n) for s, n in zip(scales[:-1], widths[1:-1])]
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """A network resolved without its weights: widths ``[n_0 … n_L]``, roles and ``s_P`` of ``W_1 … W_L``."""
+
+    widths: list[int]
+    roles: list[Role]
+    infos: list[ParamInfo]
+    scales: list[float]
+    capped: bool
+    hidden_divisor: float
+    """What every hidden ``s_P`` was divided by: ``T_hidden(L)`` under the harmonic normalizer, else 1."""
+
+    @property
+    def rho(self) -> list[float]:
+        return layer_rho(self.widths, self.scales)
+
+
+def layer_layout(
+    param: Parameterization,
+    in_features: int,
+    out_features: int,
+    depth: int,
+    m: int,
+    sigma_w: float,
+    readout: str = "mup",
+    width_offset: int = 0,
+    depth_normalizer: str = "none",
+    max_width: int | None = None,
+) -> LayerLayout:
+    """Widths and weight scales of a depth-``L`` network (what NuMLP builds, with no allocation).
+
+    ``width_offset`` k0 gives ``n_k = schedule(k + k0)`` (``m·(k + k0)²`` under quadratic);
+    ``depth_normalizer="harmonic"`` divides every hidden ``s_P`` by ``T_hidden(L) = Σ_{k=2}^{L−1} ρ_k``.
+    """
+    if not isinstance(width_offset, int) or isinstance(width_offset, bool) or width_offset < 0:
+        raise ValueError(f"width_offset must be an integer >= 0, got {width_offset!r}")
+    if depth_normalizer not in DEPTH_NORMALIZERS:
+        raise ValueError(f"unknown depth_normalizer {depth_normalizer!r}; choose one of {DEPTH_NORMALIZERS}")
+    hidden = param.hidden_widths(depth, width_offset)
+    if any(n < 1 for n in hidden):
+        raise ValueError(f"the width schedule gave non-positive widths {hidden}")
+    capped = max_width is not None and any(n > max_width for n in hidden)
+    if max_width is not None:
+        hidden = [min(n, max_width) for n in hidden]
+    widths = [in_features, *hidden, out_features]
+    roles: list[Role] = ["input" if k == 1 else "readout" if k == depth else "hidden" for k in range(1, depth + 1)]
+    infos = [ParamInfo(role, k, widths[k - 1], widths[k], m, depth, sigma_w, widths[1])
+             for k, role in zip(range(1, depth + 1), roles)]
+    scales = [weight_scale(info, param.hidden_scale, readout) for info in infos]
+    divisor = 1.0
+    if depth_normalizer == "harmonic" and depth > 2:
+        divisor = sum(layer_rho(widths, scales)[1:])
+        scales = [s / divisor if role == "hidden" else s for s, role in zip(scales, roles)]
+    return LayerLayout(widths, roles, infos, scales, capped, divisor)

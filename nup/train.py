@@ -53,6 +53,9 @@ class TrainConfig:
     depth: int = _opt(4, "number of weight layers L (>= 2)")
     m: int = _opt(16, "width multiplier: hidden widths m·k² (quadratic), m·k (linear) or m (constant)")
     width_schedule: str | None = _opt(None, "quadratic | linear | constant; unset: the parameterization's own")
+    width_offset: int = _opt(0, "k0 >= 0: hidden widths follow the schedule at k + k0 (m·(k + k0)² under quadratic)")
+    depth_normalizer: str = _opt("none", "none | harmonic (hidden update scales divided by T_hidden(L) = "
+                                         "Σ_{k=2}^{L-1} ρ_k: the hidden block moves like one layer at any depth)")
     activation: str = _opt("relu", "relu | abs | identity | tanh | gelu | silu | leaky_relu[:SLOPE] | "
                                    "linear_abs:A,B")
     parameterization: str = _opt("nup", "nup | sp | sp_inv_depth")
@@ -83,6 +86,7 @@ class TrainConfig:
         """Raise ValueError naming the first bad value."""
         from nup.parameterization import (
             DEFAULT_WIDTH_LIMIT,
+            DEPTH_NORMALIZERS,
             PARAMETERIZATIONS,
             WIDTH_SCHEDULES,
             resolve_parameterization,
@@ -101,6 +105,10 @@ class TrainConfig:
         need(self.m >= 1, f"m must be >= 1, got {self.m}")
         need(self.width_schedule is None or self.width_schedule in WIDTH_SCHEDULES,
              f"unknown width schedule {self.width_schedule!r}; choose one of {', '.join(WIDTH_SCHEDULES)}")
+        need(isinstance(self.width_offset, int) and not isinstance(self.width_offset, bool) and self.width_offset >= 0,
+             f"width_offset must be an integer >= 0, got {self.width_offset!r}")
+        need(self.depth_normalizer in DEPTH_NORMALIZERS,
+             f"unknown depth_normalizer {self.depth_normalizer!r}; choose one of {', '.join(DEPTH_NORMALIZERS)}")
         act = get_activation(self.activation)
         need(not (self.bias and act.is_linear_abs),
              f"bias needs a smooth activation (tanh, gelu, silu): {act} has an EOC only at σ_b = 0")
@@ -123,7 +131,7 @@ class TrainConfig:
         need(self.max_width is None or self.max_width >= 1,
              f"max_width must be a positive integer, got {self.max_width!r}")
         widest = max(resolve_parameterization(self.parameterization, self.m, self.width_schedule)
-                     .hidden_widths(self.depth))
+                     .hidden_widths(self.depth, self.width_offset))
         need(self.max_width is not None or widest <= DEFAULT_WIDTH_LIMIT,
              f"hidden width {widest} exceeds {DEFAULT_WIDTH_LIMIT}; set max_width to cap the widths, "
              "or lower m or depth")
@@ -292,6 +300,7 @@ def run_training(config: TrainConfig, out_dir: str | Path, progress: bool = True
 
     torch.manual_seed(config.seed)
     model = NuMLP(x_train.shape[1], n_classes, config.depth, config.m, width_schedule=config.width_schedule,
+                  width_offset=config.width_offset, depth_normalizer=config.depth_normalizer,
                   activation=config.activation, parameterization=config.parameterization, bias=config.bias,
                   max_width=config.max_width, sigma_b2=BIAS_SIGMA_B2 if config.bias else 0.0).to(device)
     opt = _build_optimizer(model, config)

@@ -187,7 +187,8 @@ class ScaledLinearAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, alpha: float, bias_scale: float, act: Activation):
         y = scaled_linear_act_forward(x, weight, bias, alpha, bias_scale, act)
-        ctx.save_for_backward(x, weight, y)
+        linear = act.name != "tanh" and act.b == 0  # φ' is a constant: y is not needed (the readout)
+        ctx.save_for_backward(x, weight, None if linear else y)
         ctx.alpha, ctx.bias_scale, ctx.act, ctx.has_bias = alpha, bias_scale, act, bias is not None
         return y
 

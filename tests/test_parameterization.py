@@ -56,7 +56,7 @@ def test_named_parameterizations_pick_their_width_schedule():
     # The width schedule and the scale rule are separate knobs.
     model = NuMLP(4, 3, 5, 2, parameterization="sp", width_schedule="quadratic")
     assert model.widths == [4, 2, 8, 18, 32, 3]
-    assert model.layers[2].weight_meta.scale == pytest.approx(math.sqrt(18) / SQRT2)
+    assert model.layers[2].weight_meta.scale == pytest.approx(math.sqrt(18))
 
 
 # ----------------------------------------------------------------------------- scales
@@ -68,11 +68,11 @@ def test_named_parameterization_scales_match_spec_table(parameterization):
     model = NuMLP(7, 2, depth, m, parameterization=parameterization)
     n = model.widths
     hidden = {
-        "nup": lambda k: math.sqrt(m) / SQRT2,
-        "sp": lambda k: math.sqrt(n[k]) / SQRT2,
-        "sp_inv_depth": lambda k: math.sqrt(n[k]) / (SQRT2 * (depth - 2)),
+        "nup": lambda k: math.sqrt(n[1]),
+        "sp": lambda k: math.sqrt(n[k]),
+        "sp_inv_depth": lambda k: math.sqrt(n[k]) / (depth - 2),
     }[parameterization]
-    expected = {"layers.0.weight": math.sqrt(n[1]) / SQRT2, f"layers.{depth - 1}.weight": math.sqrt(n[depth - 1])}
+    expected = {"layers.0.weight": math.sqrt(n[1]), f"layers.{depth - 1}.weight": math.sqrt(n[depth - 1])}
     expected |= {f"layers.{k - 1}.weight": hidden(k) for k in range(2, depth)}
     metas = _metas(model)
     assert set(metas) == set(expected)  # no biases by default
@@ -95,19 +95,19 @@ def test_custom_pair_of_width_schedule_and_scale_rule():
     assert all(p.sigma_w == pytest.approx(SQRT2) for p in seen)
     assert [(p.fan_in, p.fan_out) for p in seen] == [(5, 10), (10, 15), (15, 20)]
     scales = [layer.weight_meta.scale for layer in model.layers]
-    assert scales == pytest.approx([math.sqrt(5) / SQRT2, 0.25 * 5 + 2, 0.25 * 10 + 3, 0.25 * 15 + 4, math.sqrt(20)])
+    assert scales == pytest.approx([math.sqrt(5), 0.25 * 5 + 2, 0.25 * 10 + 3, 0.25 * 15 + 4, math.sqrt(20)])
 
 
 def test_pair_of_names():
     model = NuMLP(3, 2, 4, 5, parameterization=("linear", "sp"))
     assert model.widths == [3, 5, 10, 15, 2]
-    assert model.layers[1].weight_meta.scale == pytest.approx(math.sqrt(10) / SQRT2)
+    assert model.layers[1].weight_meta.scale == pytest.approx(math.sqrt(10))
 
 
 def test_weight_scale_roles_and_readouts():
     info = lambda role: ParamInfo(role, 3, 16, 9, 2, 5, 1.5)
     rule = lambda p: 7.0
-    assert weight_scale(info("input"), rule, "mup") == pytest.approx(3 / 1.5)
+    assert weight_scale(info("input"), rule, "mup") == pytest.approx(3.0)
     assert weight_scale(info("hidden"), rule, "mup") == 7.0
     assert weight_scale(info("readout"), rule, "mup") == pytest.approx(4.0)
     with pytest.raises(ValueError, match="role"):
@@ -117,7 +117,7 @@ def test_weight_scale_roles_and_readouts():
 def test_bias_scale_formula():
     info = ParamInfo("hidden", 3, 8, 18, 2, 5, 1.5)
     s_w, sigma_b, q_star = 0.7, 0.4, 1.3
-    rho = 1.5 * s_w / math.sqrt(18)
+    rho = s_w / math.sqrt(18)  # SPEC §2: ρ_k = s_W/√n_k (σ_w cancels)
     assert bias_scale_of(info, s_w, sigma_b, q_star) == pytest.approx(rho * math.sqrt(18 * q_star) / sigma_b)
 
 
@@ -136,15 +136,15 @@ def test_tanh_bias_scales_match_spec():
     q_map = eoc.sigma_w2 * _gauss_mean(lambda s: np.tanh(s) ** 2, eoc.q_star) + 0.3
     assert eoc.q_star == pytest.approx(q_map, rel=1e-9)
     assert eoc.sigma_w2 * _gauss_mean(lambda s: np.cosh(s) ** -4, eoc.q_star) == pytest.approx(1.0, rel=1e-7)
-    sigma_w, sigma_b = eoc.sigma_w, math.sqrt(0.3)
+    sigma_b = math.sqrt(0.3)
     n = model.widths
     metas = _metas(model)
     assert f"layers.{depth - 1}.bias" not in metas  # the readout has no bias
     for k in range(1, depth):
         w, b = metas[f"layers.{k - 1}.weight"], metas[f"layers.{k - 1}.bias"]
-        s_w = math.sqrt(n[1]) / sigma_w if k == 1 else math.sqrt(m) / sigma_w
+        s_w = math.sqrt(n[1])  # input and νP hidden: √n_1 (= √m under quadratic widths)
         assert (w.role, w.layer, w.scale) == ("input" if k == 1 else "hidden", k, pytest.approx(s_w))
-        rho = sigma_w * s_w / math.sqrt(n[k])
+        rho = s_w / math.sqrt(n[k])
         assert rho == pytest.approx(1 / k)  # ρ_k as SPEC defines it, under quadratic widths
         assert (b.role, b.layer) == ("bias", k)
         assert b.scale == pytest.approx(rho * math.sqrt(n[k] * eoc.q_star) / sigma_b, rel=1e-12)
@@ -176,12 +176,13 @@ def _weight_step_rho(model: NuMLP, x: torch.Tensor) -> list[float]:
     return out
 
 
-# (parameterization, width schedule, m, SPEC's "resulting ρ" column for k = 1 … L−1)
+# (parameterization, width schedule, m, width offset, SPEC's "resulting ρ" column for k = 1 … L−1)
 RHO_CASES = {
-    "nup-quadratic": ("nup", "quadratic", 128, lambda k, L: 1.0 / k),
-    "nup-linear": ("nup", "linear", 512, lambda k, L: 1.0 if k == 1 else 1.0 / math.sqrt(k)),
-    "sp": ("sp", None, 1024, lambda k, L: 1.0),
-    "sp_inv_depth": ("sp_inv_depth", None, 1024, lambda k, L: 1.0 if k == 1 else 1.0 / (L - 2)),
+    "nup-quadratic": ("nup", "quadratic", 128, 0, lambda k, L: 1.0 / k),
+    "nup-offset": ("nup", "quadratic", 32, 2, lambda k, L: 3.0 / (k + 2)),
+    "nup-linear": ("nup", "linear", 512, 0, lambda k, L: 1.0 if k == 1 else 1.0 / math.sqrt(k)),
+    "sp": ("sp", None, 1024, 0, lambda k, L: 1.0),
+    "sp_inv_depth": ("sp_inv_depth", None, 1024, 0, lambda k, L: 1.0 if k == 1 else 1.0 / (L - 2)),
 }
 
 
@@ -191,31 +192,25 @@ def measured_rho():
     torch.manual_seed(1)
     x = torch.randn(2, 32)
     result = {}
-    for case, (param, schedule, m, _) in RHO_CASES.items():
-        model = NuMLP(32, 4, 5, m, width_schedule=schedule, parameterization=param)
+    for case, (param, schedule, m, offset, _) in RHO_CASES.items():
+        model = NuMLP(32, 4, 5, m, width_schedule=schedule, parameterization=param, width_offset=offset)
         scale_rho = [layer.weight_meta.scale / math.sqrt(layer.fan_out) for layer in model.layers[:-1]]
         result[case] = (_weight_step_rho(model, x), scale_rho, model.depth)
     return result
 
 
 @pytest.mark.parametrize("case", list(RHO_CASES))
-def test_aligned_step_moves_layers_with_spec_depth_profile(measured_rho, case):
-    """What the scales really give: ρ_k = s_P/√n_k, i.e. SPEC's column divided by σ_w (ReLU, σ_b = 0)."""
-    measured, scale_rho, depth = measured_rho[case]
-    spec = [RHO_CASES[case][3](k, depth) for k in range(1, depth)]
+def test_aligned_step_moves_layers_by_s_over_sqrt_n(measured_rho, case):
+    """What the scales give, whatever the case: ρ_k = s_P/√n_k (SPEC §2; σ_w cancels)."""
+    measured, scale_rho, _ = measured_rho[case]
     assert measured == pytest.approx(scale_rho, rel=0.1)
-    assert [r * SQRT2 for r in measured] == pytest.approx(spec, rel=0.1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SPEC §2 says an aligned step of norm s moves h_k by a relative σ_w·s/√n_k (so ρ = 1, 1/k, ...); "
-    "h_k itself scales with σ_w, so the move is s/√n_k: ReLU layers move by ρ/√2",
-)
-@pytest.mark.parametrize("case", ["nup-quadratic", "sp"])
+@pytest.mark.parametrize("case", list(RHO_CASES))
 def test_aligned_step_moves_layers_by_spec_rho(measured_rho, case):
+    """SPEC §2's "resulting ρ" column, measured (this was a strict xfail while the column had a σ_w)."""
     measured, _, depth = measured_rho[case]
-    assert measured == pytest.approx([RHO_CASES[case][3](k, depth) for k in range(1, depth)], rel=0.15)
+    assert measured == pytest.approx([RHO_CASES[case][4](k, depth) for k in range(1, depth)], rel=0.15)
 
 
 def test_readout_step_moves_output_by_order_one():
@@ -266,15 +261,17 @@ def test_bias_step_moves_its_layer_by_rho():
     assert _bias_step_rho(model, x) == pytest.approx(rho, rel=0.1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SPEC §2: a bias step moves h_k 'by ρ_k, as its layer's weight'; the weight step really moves it "
-    "by ρ_k·√(1 − σ_b²/q*)/σ_w (0.56·ρ_k for tanh at σ_b² = 0.3), so the two differ",
-)
 def test_bias_step_moves_like_its_weight_step():
+    """Both move h_k by ρ_k = s_W/√n_k relative to RMS(h_k) = √q*, except that the weight only reaches the
+    part of h_k it makes, a fraction √(1 − σ_b²/q*) of it (0.89 for tanh at σ_b² = 0.3). This was a strict
+    xfail while bias_scale_of kept the old σ_w factor (biases then moved σ_w = 1.58 times more)."""
     torch.manual_seed(3)
     model, x = _tanh_model_and_input()
-    assert _bias_step_rho(model, x) == pytest.approx(_weight_step_rho(model, x[:2]), rel=0.15)
+    weight_share = math.sqrt(1 - 0.3 / model.eoc.q_star)
+    bias_rho, weight_rho = _bias_step_rho(model, x), _weight_step_rho(model, x[:2])
+    assert bias_rho == pytest.approx([r / weight_share for r in weight_rho], rel=0.1)
+    assert bias_rho == pytest.approx([layer.weight_meta.scale / math.sqrt(layer.fan_out)
+                                      for layer in model.layers[:-1]], rel=0.1)
 
 
 # ----------------------------------------------------------------------------- errors

@@ -4,6 +4,7 @@ classifiers and phase definitions are checked on synthetic trajectories; CLI err
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -58,50 +59,115 @@ def test_quick_run_writes_json_png_and_readme(quick, name):
 
 def test_depth_transfer_quick_values(quick):
     results, out = quick("depth_transfer")
-    runs = results["runs"]
     cfg = results["config"]
-    assert len(runs) == len(cfg["parameterizations"]) * len(cfg["depths"]) * len(cfg["lrs"])
+    assert results["horizons"] == [cfg["horizon"], 2 * cfg["horizon"], 4 * cfg["horizon"]]
+    runs = results["runs"]
+    by_key = {}
     for r in runs:
-        assert r["diverged"] or (0 < r["train_loss"] < 20 and 0 <= r["train_acc"] <= 1)
-        # the quick config caps νP widths at 16 (m = 2): depth 6 has n_5 = 50, depth 3 has n_2 = 8
-        assert r["widths_capped"] == (r["parameterization"] == "nup" and r["depth"] == 6)
-    assert results["capped_runs"] == len(cfg["lrs"])
-    for entry in results["analysis"]["parameterizations"].values():
-        for by_depth in entry["by_depth"].values():
-            opt = by_depth["optimum"]
-            assert min(cfg["lrs"]) <= opt["refined"] <= max(cfg["lrs"])
-            assert opt["loss"] == min(v for v in by_depth["losses"] if v is not None)
-        drift = entry["drift"]
-        assert drift["ratio"] > 0 and math.isfinite(drift["slope_loglog"])
-    assert "Capped widths" in (out / "README.md").read_text(encoding="utf-8")
+        assert set(r["metric"]) == {str(h) for h in results["horizons"]}
+        assert all(v is None or 0 < v < 1e4 for v in r["metric"].values())
+        assert not r["widths_capped"]
+        by_key.setdefault((r["task"], r["parameterization"], r["depth"]), set()).add((r["j"], r["seed"]))
+    for (task, variant, depth), done in by_key.items():
+        js = sorted({j for j, _ in done})
+        assert js == list(range(js[0], js[-1] + 1))  # a contiguous √2 grid
+        assert cfg["lr_points"] <= len(js) <= cfg["max_lr_points"]
+        assert len(done) == len(js) * cfg["seeds"]  # every lr has every seed
+        entry = results["analysis"][task]["parameterizations"][variant]
+        for h in results["horizons"]:
+            e = entry["horizons"][str(h)]["by_depth"][str(depth)]
+            assert e["lrs"] == pytest.approx([cfg["lr_centre"] * math.sqrt(2) ** j for j in js])
+            assert e["trained"] == (e["optimum"]["loss"] <= results["analysis"][task]["chance_loss"] / 2)
+    readme = (out / "README.md").read_text(encoding="utf-8")
+    assert "T(L) prediction" in readme and "95% CI" in readme
 
 
-def test_optimal_lr_refines_between_neighbours():
-    from nup.studies.depth_transfer import optimal_lr
+def test_depth_transfer_resumes_from_its_saved_runs(quick, tmp_path):
+    import shutil
 
-    lrs = [0.01, 0.1, 1.0]
-    sym = optimal_lr(lrs, [2.0, 1.0, 2.0])
-    assert sym["grid"] == 0.1 and sym["refined"] == pytest.approx(0.1) and not sym["at_edge"]
-    skew = optimal_lr(lrs, [1.5, 1.0, 2.0])
-    assert 0.01 < skew["refined"] < 0.1  # the vertex leans towards the lower neighbour
-    assert optimal_lr(lrs, [3.0, 2.0, 1.0])["at_edge"]
-    assert optimal_lr(lrs, [math.inf] * 3)["grid"] is None
+    results, out = quick("depth_transfer")
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    assert main(["study", "depth_transfer", "--quick", "--quiet", "--out", str(again)]) == 0
+    resumed = json.loads((again / "results.json").read_text(encoding="utf-8"))
+    assert resumed["runs"] == results["runs"]  # every run reused (their timings too), none redone
+    assert resumed["analysis"] == results["analysis"]
+    assert main(["study", "depth_transfer", "--quick", "--quiet", "--reanalyse", "yes", "--out", str(again)]) == 0
+    assert json.loads((again / "results.json").read_text(encoding="utf-8"))["analysis"] == results["analysis"]
+    assert main(["study", "depth_transfer", "--quick", "--quiet", "--reanalyse", "yes", "--out",
+                 str(tmp_path / "empty")]) == 2  # nothing saved there: one clear error
+    fresh = tmp_path / "other"
+    shutil.copytree(out, fresh)
+    assert main(["study", "depth_transfer", "--quick", "--quiet", "--horizon", "4", "--out", str(fresh)]) == 0
+    assert json.loads((fresh / "results.json").read_text(encoding="utf-8"))["config"]["horizon"] == 4
+
+
+def test_optimal_lr_is_the_log_log_parabola_vertex():
+    from nup.studies.lr_optimum import optimal_lr
+
+    lrs = [0.01 * math.sqrt(2) ** j for j in range(7)]
+    true = 0.01 * math.sqrt(2) ** 3.3
+    losses = [math.exp(0.5 * (math.log(lr / true)) ** 2) * 0.2 for lr in lrs]
+    opt = optimal_lr(lrs, losses)
+    assert opt["grid"] == pytest.approx(lrs[3]) and not opt["at_edge"]
+    assert opt["refined"] == pytest.approx(true, rel=1e-6)  # exact for a parabola in (log lr, log loss)
+    assert optimal_lr(lrs, sorted(losses))["at_edge"]
+    diverged = losses[:5] + [math.inf, math.inf]
+    assert optimal_lr(lrs, diverged)["refined"] == pytest.approx(true, rel=1e-6)
+    assert optimal_lr(lrs, [math.inf] * 7)["grid"] is None
+
+
+def test_slope_ci_covers_a_planted_slope_and_excludes_zero():
+    from nup.studies.lr_optimum import slope_with_ci
+
+    rng = np.random.default_rng(0)
+    depths = [4, 8, 16, 32]
+    lrs, per_seed = {}, {}
+    for d in depths:
+        eta = 0.5 * d**-0.6
+        lrs[d] = [eta * math.sqrt(2) ** j for j in range(-3, 4)]
+        clean = np.array([0.5 * math.log(lr / eta) ** 2 for lr in lrs[d]])
+        per_seed[d] = 0.3 * np.exp(clean + 0.02 * rng.standard_normal((4, len(lrs[d]))))
+    fit = slope_with_ci(depths, lrs, per_seed, n_boot=200)
+    assert fit["slope"] == pytest.approx(-0.6, abs=0.05)
+    lo, hi = fit["ci95"]
+    assert lo <= fit["slope"] <= hi and hi < 0 and hi - lo < 0.2
+    assert slope_with_ci([4], lrs, per_seed)["slope"] is None
 
 
 def test_coord_check_quick_values(quick):
     results, _ = quick("coord_check")
     cfg = results["config"]
-    assert set(results["lrs"]) == {str(lr) for lr in cfg["lrs"]}
-    for per_param in results["lrs"].values():
+    assert set(results["lrs"]) == set(results["judged"]) == {str(lr) for lr in cfg["lrs"]}
+    for lr, per_param in results["lrs"].items():
         assert set(per_param) == set(cfg["parameterizations"])
-        for entry in per_param.values():
+        for variant, entry in per_param.items():
+            judged = results["judged"][lr][variant]
             for depth in cfg["depths"]:
-                h, dh = entry["rms"]["h_rms"][str(depth)], entry["rms"]["dh_rms"][str(depth)]
-                assert len(h) == len(dh) == cfg["steps"] + 1 and all(len(row) == depth for row in h)
-                assert all(v > 0 for row in h for v in row)
-                assert dh[0] == [0.0] * depth and all(v > 0 for v in dh[-1])
-            slopes = entry["slopes"][str(cfg["steps"])]
-            assert all(math.isfinite(slopes[k]) for k in ("h_mean", "dh_last", "dh_mean", "df"))
+                e = entry[str(depth)]
+                assert len(e["rho"]) == depth - 1 and len(e["steps"]) == cfg["steps"]
+                for step in e["steps"]:
+                    assert len(step["own"]) == len(step["change"]) == depth - 1
+                    assert all(v > 0 for v in step["own"] + step["change"])
+                    assert step["df"] > 0 and step["df_readout"] > 0 and step["df_body"] > 0
+                j = judged["by_depth"][str(depth)]
+                # normalized steps on a batch of 16: every layer moves, by at most the rank-one η·ρ_k
+                assert all(0.05 < eff <= 1.0 + 1e-4 for eff in j["efficiency"])
+            assert all(math.isfinite(judged[k]) for k in ("slope_last", "predicted_slope_last", "slope_mid"))
+        harmonic = results["judged"][lr]["nup_harmonic"]
+        assert abs(harmonic["predicted_slope_last"]) < 1e-9  # T(L) is 2 at every depth
+
+
+def test_coord_check_own_move_is_exactly_lr_rho_at_batch_one():
+    from nup import NuMLP
+    from nup.studies.coord_check import measure
+
+    torch.manual_seed(0)
+    model = NuMLP(64, 10, 5, 64, width_offset=2)
+    x, y = torch.randn(1, 64), torch.tensor([3])
+    first = measure(model, 0.01, x, y, steps=1)[0]
+    # rank one: own move = η·s·‖x‖/‖W x‖ ≈ η·ρ_k (Gaussian W, width ≥ 576)
+    assert first["own"] == pytest.approx([0.01 * r for r in model.layout.rho], rel=0.1)
 
 
 def test_uv_ntk_is_the_closed_form():
@@ -193,9 +259,12 @@ def test_options_reach_the_config():
     def config(*argv):
         return make_config(argv[1], build_parser("study").parse_args(list(argv)))
 
-    cfg = config("study", "depth_transfer", "--max-width", "0", "--depths", "4,8", "--lrs", "0.1,0.2,0.4")
-    assert cfg.max_width is None and cfg.depths == (4, 8) and cfg.lrs == (0.1, 0.2, 0.4)
-    assert config("study", "depth_transfer").max_width == 128
+    cfg = config("study", "depth_transfer", "--max-width", "0", "--depths", "4,8", "--width-offset", "2",
+                 "--parameterizations", "nup_harmonic", "--horizon", "50")
+    assert cfg.max_width is None and cfg.depths == (4, 8) and cfg.width_offset == 2
+    assert cfg.parameterizations == ("nup_harmonic",) and cfg.horizon == 50
+    assert config("study", "depth_transfer").max_width is None  # capped νP is out of the headline
+    assert config("study", "depth_transfer", "--max-width", "256").max_width == 256
     assert config("study", "coord_check", "--quick", "--max-width", "64").max_width == 64
     cfg = config("study", "schedule", "--seeds", "5", "--seed", "3")  # issue #14: seeds replace --matched-control
     assert cfg.seeds == 5 and cfg.seed == 3

@@ -115,7 +115,8 @@ def test_help_documents_every_field(capsys):
 
 def test_config_fields_match_the_contract():
     assert TrainConfig.fields() == [
-        "data", "depth", "m", "width_schedule", "activation", "parameterization", "lr", "schedule", "steps",
+        "data", "depth", "m", "width_schedule", "width_offset", "depth_normalizer", "activation", "parameterization",
+        "lr", "schedule", "steps",
         "batch_size", "seed", "device", "max_width", "bias", "loss", "base", "eval_every", "fused",
         "nproc",
     ]

@@ -1,7 +1,9 @@
 """Run one of the studies of SPEC §5, or all of them, and write results.json, PNG figures and README.md.
 
-Studies: depth_transfer (loss against lr per depth under nup, sp, sp_inv_depth, and the drift
-of the optimal lr), coord_check (preactivation RMS and its change against depth), catapult
+Studies: depth_transfer (η* against depth under sp, sp_inv_depth, νP with offset widths and νP +
+harmonic normalizer, with seeds, bootstrap CIs and SPEC's T(L) prediction; its default is the
+longest: 12 minutes for one task's depth 32 on a shared 2-core machine, two worker processes),
+coord_check (each layer's move and the change at fixed ℓ/L against SPEC's prediction), catapult
 (lazy / catapult / divergent phases of plain GD on MSE, for the uv model and an EOC ReLU MLP),
 schedule (the geometry-aware controllers against a tuned constant-lr sweep, an open-loop replay
 and warm-up + decay on a νP model, MSE, full batch, several seeds: η·S, η·λ₀ and the catapult

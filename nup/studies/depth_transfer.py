@@ -1,18 +1,26 @@
-"""Learning-rate transfer across depth (SPEC §5): final train loss against lr, per depth and parameterization.
+"""Learning-rate transfer across depth (SPEC §5): does η* move with depth, and as SPEC's ``T(L)`` predicts?
 
-For every parameterization (``nup``, ``sp``, ``sp_inv_depth``), depth ``L`` and lr on a log grid,
-a NuMLP is trained with NuP (normalized updates, constant schedule) on minibatches of the UCI
-digits (or the teacher task), and its cross-entropy on the whole train set is recorded. The
-optimal lr ``η*(L)`` is the grid minimum, refined by a parabola through it and its two
-neighbours in log lr; its drift across depth is reported as ``η*(L_max)/η*(L_min)`` and as the
-slope of ``log η*`` against ``log L`` (0 means perfect transfer).
+For every task (a teacher–student task of ≥ 10⁴ samples, and the UCI digits), parameterization
+(``sp``, ``sp_inv_depth``, νP with offset widths ``m·(k + k0)²``, νP + the harmonic depth
+normalizer), depth L, learning rate and seed, a NuMLP is trained with NuP (constant lr,
+minibatches) for 4T steps. The metric at horizon H ∈ {T, 2T, 4T} is the mean minibatch train
+loss over the last 20% of the first H steps (one run gives all three horizons). Each depth's lr
+grid (ratio √2) starts at the previous depth's optimum and is extended until the optimum is
+interior; η* is the vertex of a parabola in (log lr, log loss). A depth whose best loss is above
+half of chance is "not trained" and left out of the fits. The slope of log η* against log L
+comes with a bootstrap 95% interval over seeds, beside the slope SPEC §2 predicts, η* ∝ 1/T(L).
+The runs are saved to ``results.json`` after every round; a rerun into the same folder with the
+same run settings reuses them (an interrupted study resumes; a narrower one re-analyses).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import multiprocessing
 import time
-from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nup.io import write_json_atomic
 from nup.report import Figure, Heading, Paragraph, Table
+from nup.studies import variants
 from nup.studies._common import (
     Flag,
     config_dict,
@@ -28,302 +38,482 @@ from nup.studies._common import (
     figure,
     finite_or_none,
     fmt,
-    loglog_slope,
     prepare_out,
     save_figure,
     write_outputs,
 )
+from nup.studies.lr_optimum import optimal_lr, slope_with_ci
+from nup.studies.variants import VARIANTS
 
-DATA_SETS = ("digits", "teacher")
+TASKS = ("teacher", "digits")
+GRID_RATIO = math.sqrt(2.0)
+HORIZONS = (1, 2, 4)
+"""Horizons as multiples of ``Config.horizon``; every run lasts the longest."""
+WINDOW = 0.2
+"""The metric averages the minibatch loss over the last ``WINDOW`` of the steps up to a horizon."""
+
 FLAGS = (
     Flag("depths", "ints", "depths L (comma-separated)"),
-    Flag("parameterizations", "strs", "parameterizations among nup, sp, sp_inv_depth (comma-separated)"),
-    Flag("lrs", "floats", "learning rates (comma-separated; depth_transfer: the grid, at least 3 values)"),
-    Flag("steps", "int", "optimizer steps (per run)"),
+    Flag("parameterizations", "strs", "among sp, sp_inv_depth, nup (offset widths), nup_harmonic (comma-separated)"),
+    Flag("tasks", "strs", "tasks among teacher, digits (comma-separated)"),
+    Flag("horizon", "int", "horizon T in steps; runs last 4T, metrics at T, 2T and 4T"),
+    Flag("lr_centre", "float", "centre of the first depth's lr grid (later depths start at the previous optimum)"),
+    Flag("lr_points", "int", "lr grid points per depth before extension (ratio √2)"),
+    Flag("max_lr_points", "int", "cap on grid points per depth when extending towards an interior optimum"),
     Flag("batch_size", "int", "minibatch size"),
-    Flag("m", "int", "νP base width: hidden widths m·k²"),
+    Flag("m", "int", "νP base width: hidden widths m·(k + k0)²"),
+    Flag("width_offset", "int", "νP width offset k0"),
     Flag("sp_width", "int", "constant hidden width of sp and sp_inv_depth"),
-    Flag("max_width", "width", "cap on νP hidden widths (0: uncapped)"),
+    Flag("max_width", "width", "cap on νP hidden widths (0: uncapped; a capped run is not νP)"),
     Flag("activation", "str", "activation (relu, abs, tanh, ...)"),
-    Flag("data", "str", "digits | teacher"),
-    Flag("seeds", "int", "seeds per configuration (results are averaged)"),
+    Flag("n_train", "int", "train samples (depth_transfer: of the teacher–student task)"),
+    Flag("teacher_shape", "ints", "teacher–student input dim, teacher hidden units, classes (comma-separated)"),
+    Flag("seeds", "int", "seeds per configuration (at least 2 for a confidence interval)"),
+    Flag("bootstrap", "int", "bootstrap replicates for the slope's confidence interval"),
+    Flag("workers", "int", "worker processes (one torch thread each)"),
+    Flag("reanalyse", "bool", "no new runs: analyse the runs saved in --out (an interrupted study's complete lrs)"),
 )
 
 
 @dataclass
 class Config:
-    """The study's settings; the defaults fit 10 minutes on two CPU cores."""
+    """The study's settings (CPU default: depths 4 → 32, two tasks, two worker processes)."""
 
-    depths: tuple[int, ...] = (4, 8, 16, 32, 64)
-    parameterizations: tuple[str, ...] = ("nup", "sp", "sp_inv_depth")
-    lrs: tuple[float, ...] = tuple(2.0**k for k in range(-9, 1))
-    steps: int = 200
-    batch_size: int = 128
-    m: int = 8
+    depths: tuple[int, ...] = (4, 8, 16, 32)
+    parameterizations: tuple[str, ...] = ("sp", "sp_inv_depth", "nup", "nup_harmonic")
+    tasks: tuple[str, ...] = ("teacher", "digits")
+    horizon: int = 75
+    lr_centre: float = 0.25
+    lr_points: int = 5
+    max_lr_points: int = 10
+    batch_size: int = 64
+    m: int = 1
+    width_offset: int = 3
     sp_width: int = 128
-    max_width: int | None = 128
+    max_width: int | None = None
     activation: str = "relu"
-    data: str = "digits"
-    seeds: int = 1
+    n_train: int = 16384
+    teacher_shape: tuple[int, ...] = (8, 16, 4)
+    seeds: int = 3
+    bootstrap: int = 1000
+    workers: int = 2
+    reanalyse: bool = False
     seed: int = 0
     device: str = "cpu"
 
 
-QUICK = {"depths": (3, 6), "lrs": (0.01, 0.1, 1.0), "steps": 8, "batch_size": 32, "m": 2, "sp_width": 16,
-         "max_width": 16}
+QUICK = {"depths": (3, 6), "tasks": ("teacher",), "horizon": 10, "lr_points": 3, "max_lr_points": 5,
+         "batch_size": 16, "sp_width": 16, "n_train": 512, "teacher_shape": (4, 8, 2), "seeds": 2, "bootstrap": 50,
+         "workers": 1}
 
 
 def _check(cfg: Config) -> None:
-    from nup.parameterization import PARAMETERIZATIONS
-
-    if not cfg.depths or min(cfg.depths) < 3:
-        raise ValueError(f"depths must be integers >= 3, got {cfg.depths}")
-    if len(cfg.lrs) < 3 or min(cfg.lrs) <= 0:
-        raise ValueError(f"lrs needs at least 3 positive values, got {cfg.lrs}")
-    for p in cfg.parameterizations:
-        if p not in PARAMETERIZATIONS:
-            raise ValueError(f"unknown parameterization {p!r}; choose from {', '.join(PARAMETERIZATIONS)}")
-    if cfg.data not in DATA_SETS:
-        raise ValueError(f"unknown data {cfg.data!r}; choose one of {', '.join(DATA_SETS)}")
-    if min(cfg.steps, cfg.batch_size, cfg.m, cfg.sp_width, cfg.seeds) < 1:
-        raise ValueError("steps, batch_size, m, sp_width and seeds must be >= 1")
-
-
-def _model(cfg: Config, param: str, depth: int, n_in: int, n_out: int):
-    from nup import NuMLP
-
-    if param == "nup":
-        return NuMLP(n_in, n_out, depth, cfg.m, parameterization=param, activation=cfg.activation,
-                     max_width=cfg.max_width)
-    return NuMLP(n_in, n_out, depth, cfg.sp_width, parameterization=param, activation=cfg.activation)
+    if not cfg.depths or min(cfg.depths) < 3 or list(cfg.depths) != sorted(set(cfg.depths)):
+        raise ValueError(f"depths must be increasing integers >= 3, got {cfg.depths}")
+    for name, values, known in (("parameterization", cfg.parameterizations, VARIANTS), ("task", cfg.tasks, TASKS)):
+        for v in values:
+            if v not in known:
+                raise ValueError(f"unknown {name} {v!r}; choose from {', '.join(known)}")
+    if not (cfg.lr_centre > 0 and math.isfinite(cfg.lr_centre)):
+        raise ValueError(f"lr_centre must be a positive number, got {cfg.lr_centre}")
+    if not 3 <= cfg.lr_points <= cfg.max_lr_points:
+        raise ValueError(f"need 3 <= lr_points <= max_lr_points, got {cfg.lr_points} and {cfg.max_lr_points}")
+    if min(cfg.horizon, cfg.batch_size, cfg.m, cfg.sp_width, cfg.n_train, cfg.seeds, cfg.workers) < 1:
+        raise ValueError("horizon, batch_size, m, sp_width, n_train, seeds and workers must be >= 1")
+    if len(cfg.teacher_shape) != 3 or min(cfg.teacher_shape) < 1 or cfg.teacher_shape[2] < 2:
+        raise ValueError(f"teacher_shape is dim,hidden,classes (positive, classes >= 2), got {cfg.teacher_shape}")
+    if cfg.width_offset < 0 or cfg.bootstrap < 0:
+        raise ValueError("width_offset and bootstrap must be >= 0")
 
 
-def train_one(cfg: Config, param: str, depth: int, lr: float, seed: int, data) -> dict[str, Any]:
-    """Train one model; returns its final full-train-set loss and accuracy (loss None if it diverged)."""
-    from nup import NuP
+def variant_config(cfg: Config, variant: str) -> tuple[int, dict[str, Any]]:
+    """``(m, NuMLP keywords)`` of a study parameterization under ``cfg``."""
+    return variants.variant_config(variant, cfg.m, cfg.sp_width, cfg.width_offset, cfg.activation, cfg.max_width)
+
+
+def grid_lr(cfg: Config, j: int) -> float:
+    """The lr of grid index ``j``: ``lr_centre·√2^j``."""
+    return cfg.lr_centre * GRID_RATIO**j
+
+
+def horizons(cfg: Config) -> list[int]:
+    return [h * cfg.horizon for h in HORIZONS]
+
+
+def window_mean(trace: np.ndarray, horizon: int) -> float:
+    """Mean of ``trace[⌈(1 − WINDOW)·H⌉ : H]``; inf if any of those losses is not finite."""
+    part = trace[min(math.ceil((1 - WINDOW) * horizon), horizon - 1): horizon]
+    return float(part.mean()) if np.isfinite(part).all() else math.inf
+
+
+_DATA: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def load_task(cfg: Config, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train inputs ``(n, d)`` and labels ``(n,)`` of a task (cached per process)."""
+    from nup.data import load_digits_split, teacher_student
+
+    key = (task, cfg.n_train, tuple(cfg.teacher_shape), cfg.device)
+    device = cfg.device
+    if key not in _DATA:
+        if task == "teacher":
+            dim, hidden, classes = cfg.teacher_shape
+            x, y, _, _ = teacher_student(n_train=cfg.n_train, n_test=1, dim=dim, seed=0, device=device,
+                                         n_classes=classes, hidden=hidden)
+        else:
+            x, y, _, _ = load_digits_split(seed=0, device=device)
+        _DATA[key] = (x, y)
+    return _DATA[key]
+
+
+def chance_loss(y: torch.Tensor) -> float:
+    """Cross-entropy of the best constant prediction: the entropy of the label frequencies."""
+    p = torch.bincount(y).double() / y.numel()
+    p = p[p > 0]
+    return float(-(p * p.log()).sum())
+
+
+def train_one(cfg: Config, task: str, variant: str, depth: int, j: int, seed: int) -> dict[str, Any]:
+    """One run of 4T NuP steps; returns its metric at each horizon (inf where the loss was not finite)."""
+    from nup import NuMLP, NuP
     from nup.data import batches
 
-    x, y = data
-    n_classes = int(y.max()) + 1
+    x, y = load_task(cfg, task)
+    lr = grid_lr(cfg, j)
+    m, kwargs = variant_config(cfg, variant)
+    t0 = time.perf_counter()
     torch.manual_seed(seed)
-    model = _model(cfg, param, depth, x.shape[1], n_classes).to(x.device)
+    model = NuMLP(x.shape[1], int(y.max()) + 1, depth, m, **kwargs).to(x.device)
     opt = NuP(model.named_parameters(), lr=lr)
     stream = batches(x, y, cfg.batch_size, torch.Generator().manual_seed(seed))
-    finite = torch.ones((), dtype=torch.bool, device=x.device)
-    for step in range(cfg.steps):
+    steps = horizons(cfg)[-1]
+    trace = torch.full((steps,), math.inf, device=x.device)
+    for t in range(steps):
         xb, yb = next(stream)
         loss = F.cross_entropy(model(xb), yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        finite &= torch.isfinite(loss.detach())
-        if step % 20 == 19 and not bool(finite):  # one host sync every 20 steps
+        trace[t] = loss.detach()
+        if t % 25 == 24 and not bool(torch.isfinite(trace[t - 24: t + 1]).all()):  # one sync per 25 steps
             break
-    with torch.no_grad():
-        out = model(x)
-        loss, acc = F.cross_entropy(out, y).item(), (out.argmax(1) == y).float().mean().item()
-    diverged = not (bool(finite) and math.isfinite(loss))
-    return {"parameterization": param, "depth": depth, "lr": lr, "seed": seed,
-            "train_loss": None if diverged else loss, "train_acc": acc, "diverged": diverged,
-            "widths_capped": bool(model.capped), "max_hidden_width": max(model.widths[1:-1])}
+    values = trace.cpu().numpy()
+    return {"task": task, "parameterization": variant, "depth": depth, "j": j, "lr": lr, "seed": seed,
+            "metric": {str(h): finite_or_none(window_mean(values, h)) for h in horizons(cfg)},
+            "diverged": not bool(np.isfinite(values).all()), "widths_capped": bool(model.capped),
+            "max_hidden_width": max(model.widths[1:-1]), "time_s": round(time.perf_counter() - t0, 3)}
 
 
-def optimal_lr(lrs: list[float], losses: list[float]) -> dict[str, Any]:
-    """The grid argmin of ``losses`` and a parabola-refined optimum in log lr.
-
-    Returns ``{"grid": lr, "refined": lr, "loss": min loss, "at_edge": bool}``. The refined value
-    stays within half a grid step of the grid optimum; at the grid's edge (or with non-finite
-    neighbours) it is the grid value. None entries when every loss is infinite.
-    """
-    y = np.asarray(losses, dtype=np.float64)
-    if not np.isfinite(y).any():
-        return {"grid": None, "refined": None, "loss": None, "at_edge": None}
-    i = int(np.nanargmin(np.where(np.isfinite(y), y, np.inf)))
-    lx = np.log(np.asarray(lrs, dtype=np.float64))
-    refined = lx[i]
-    at_edge = i in (0, len(lrs) - 1)
-    if not at_edge and np.isfinite(y[i - 1 : i + 2]).all():
-        a, b, c = lx[i - 1 : i + 2]
-        fa, fb, fc = y[i - 1 : i + 2]
-        den = (b - a) * (fb - fc) - (b - c) * (fb - fa)
-        if den != 0:
-            vertex = b - 0.5 * ((b - a) ** 2 * (fb - fc) - (b - c) ** 2 * (fb - fa)) / den
-            refined = float(np.clip(vertex, (a + b) / 2, (b + c) / 2))
-    return {"grid": float(lrs[i]), "refined": float(math.exp(refined)), "loss": float(y[i]), "at_edge": at_edge}
+def _job(cfg_dict: dict[str, Any], job: tuple) -> dict[str, Any]:
+    return train_one(Config(**cfg_dict), *job)
 
 
-def analyse(cfg: Config, runs: list[dict]) -> dict[str, Any]:
-    """Mean loss per (parameterization, depth, lr), η* per depth, and its drift per parameterization."""
-    lrs = sorted(cfg.lrs)
-    table: dict[str, dict[str, Any]] = {}
-    for param in cfg.parameterizations:
-        per_depth = {}
-        for depth in cfg.depths:
-            losses = []
-            for lr in lrs:
-                vals = [math.inf if r["train_loss"] is None else r["train_loss"] for r in runs
-                        if (r["parameterization"], r["depth"], r["lr"]) == (param, depth, lr)]
-                losses.append(float(np.mean(vals)) if vals else math.inf)
-            opt = optimal_lr(lrs, losses)
-            finite = [v for v in losses if math.isfinite(v)]
-            opt["loss_spread"] = (max(finite) - min(finite)) if finite else None
-            per_depth[depth] = {"losses": [finite_or_none(v) for v in losses], "optimum": opt}
-        depths = [d for d in cfg.depths if per_depth[d]["optimum"]["refined"] is not None]
-        etas = [per_depth[d]["optimum"]["refined"] for d in depths]
-        drift = {
-            "depth_min": depths[0] if depths else None,
-            "depth_max": depths[-1] if depths else None,
-            "ratio": etas[-1] / etas[0] if len(etas) > 1 else None,
-            "slope_loglog": finite_or_none(loglog_slope(depths, etas)) if len(etas) > 1 else None,
-            "edge_depths": [d for d in depths if per_depth[d]["optimum"]["at_edge"]],
-        }
-        table[param] = {"by_depth": {str(d): v for d, v in per_depth.items()}, "drift": drift}
-    return {"lrs": lrs, "parameterizations": table}
+def curve(cfg: Config, runs: dict[tuple, dict], key: tuple, js: list[int], horizon: int) -> np.ndarray:
+    """``(n_seeds, len(js))`` metrics of ``key = (task, variant, depth)`` at ``horizon`` (inf: diverged)."""
+    rows = []
+    for s in range(cfg.seeds):
+        values = [runs[(*key, j, cfg.seed + s)]["metric"][str(horizon)] for j in js]
+        rows.append([math.inf if v is None else v for v in values])
+    return np.asarray(rows, dtype=np.float64)
 
 
-def _plots(cfg: Config, analysis: dict, out: Path, n_classes: int) -> list[str]:
-    lrs = analysis["lrs"]
-    params = cfg.parameterizations
-    fig = figure(4.6 * len(params), 3.8)
-    axes = fig.subplots(1, len(params), squeeze=False)[0]
-    colours = [f"C{i}" for i in range(len(cfg.depths))]
-    clip = 2.0 * math.log(n_classes)
-    for ax, param in zip(axes, params):
-        for colour, depth in zip(colours, cfg.depths):
-            entry = analysis["parameterizations"][param]["by_depth"][str(depth)]
-            ys = [clip if v is None else min(v, clip) for v in entry["losses"]]
-            ax.plot(lrs, ys, "o-", color=colour, ms=3, label=f"L={depth}")
-            bad = [lr for lr, v in zip(lrs, entry["losses"]) if v is None]
-            if bad:
-                ax.plot(bad, [clip] * len(bad), "x", color=colour, ms=7)
-            opt = entry["optimum"]
-            if opt["refined"] is not None:
-                ax.plot([opt["grid"]], [opt["loss"]], "*", color=colour, ms=11, mec="k", mew=0.5)
-        ax.axhline(math.log(n_classes), color="0.6", lw=0.8, ls=":")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("lr η")
-        ax.set_ylabel(f"train loss after {cfg.steps} steps")
-        ax.set_ylim(top=clip * 1.05)
-        ax.set_title(param)
-        ax.legend(fontsize="small")
-    fig.suptitle("loss against lr per depth (★ grid optimum, × diverged, dotted: chance level)")
-    names = [save_figure(fig, out / "loss_vs_lr.png")]
-
-    fig = figure(5.2, 3.8)
-    ax = fig.add_subplot()
-    for i, param in enumerate(params):
-        by_depth = analysis["parameterizations"][param]["by_depth"]
-        pts = [(d, by_depth[str(d)]["optimum"]) for d in cfg.depths if by_depth[str(d)]["optimum"]["refined"]]
-        if not pts:
+def _extension(cfg: Config, runs: dict, key: tuple, js: list[int], chance: float) -> list[int]:
+    """Grid indices to add so that η* is interior at every horizon where the depth trained."""
+    add = set()
+    for h in horizons(cfg):
+        mean = curve(cfg, runs, key, js, h).mean(axis=0)
+        opt = optimal_lr([grid_lr(cfg, j) for j in js], mean)
+        if opt["loss"] is None or opt["loss"] > chance / 2:
             continue
-        ax.plot([d for d, _ in pts], [o["refined"] for _, o in pts], "o-", color=f"C{i}", label=param)
-        edge = [(d, o["refined"]) for d, o in pts if o["at_edge"]]
-        if edge:
-            ax.plot(*zip(*edge), "o", mfc="white", color=f"C{i}", ms=9)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log", base=2)
-    ax.set_xlabel("depth L")
-    ax.set_ylabel("optimal lr η*")
-    ax.set_title("optimal lr against depth (hollow: at the grid's edge)")
-    ax.legend(fontsize="small")
-    names.append(save_figure(fig, out / "optimal_lr_vs_depth.png"))
+        i = int(np.argmin(np.where(np.isfinite(mean), mean, np.inf)))
+        if i == 0:
+            add.add(js[0] - 1)
+        elif i == len(js) - 1:
+            add.add(js[-1] + 1)
+    return sorted(add)[: max(cfg.max_lr_points - len(js), 0)]
+
+
+def _save_runs(cfg: Config, out: Path, runs: dict[tuple, dict]) -> None:
+    """``results.json`` with the runs so far and no analysis: what survives an interrupted study."""
+    write_json_atomic(out / "results.json", {"study": "depth_transfer", "config": config_dict(cfg), "analysis": None,
+                                             "runs": list(runs.values())})
+
+
+RUN_FIELDS = ("horizon", "lr_centre", "lr_points", "batch_size", "m", "width_offset", "sp_width", "max_width",
+              "activation", "n_train", "teacher_shape", "seed", "device")
+"""Config fields a run's result depends on (with its task, parameterization, depth, lr and seed)."""
+
+
+def cached_runs(cfg: Config, out: Path) -> dict[tuple, dict]:
+    """Runs in ``out/results.json`` made under the same :data:`RUN_FIELDS` (a killed study resumes from them)."""
+    path = out / "results.json"
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text(encoding="utf-8"))
+    now = config_dict(cfg)
+    if old.get("study") != "depth_transfer" or any(old["config"].get(k) != now[k] for k in RUN_FIELDS):
+        return {}
+    return {(r["task"], r["parameterization"], r["depth"], r["j"], r["seed"]): r for r in old["runs"]}
+
+
+def saved_grid(cfg: Config, out: Path) -> tuple[dict[tuple, dict], dict[tuple, list[int]], dict[str, float]]:
+    """:func:`run_grid`'s result from the runs saved in ``out`` alone: every lr that has all seeds.
+
+    Depths missing for some task and parameterization are dropped from ``cfg.depths`` (in place).
+    """
+    runs = cached_runs(cfg, out)
+    if not runs:
+        raise ValueError(f"no saved runs with these run settings in {out}/results.json; run without --reanalyse")
+    grids: dict[tuple, list[int]] = {}
+    for task, variant, depth, j, _ in runs:
+        if all((task, variant, depth, j, cfg.seed + s) in runs for s in range(cfg.seeds)):
+            grids.setdefault((task, variant, depth), [])
+            if j not in grids[task, variant, depth]:
+                grids[task, variant, depth].append(j)
+    grids = {k: sorted(v) for k, v in grids.items()}
+    cfg.depths = tuple(d for d in cfg.depths
+                       if all((t, v, d) in grids for t in cfg.tasks for v in cfg.parameterizations))
+    if not cfg.depths:
+        raise ValueError(f"the runs saved in {out} cover no depth for every task and parameterization")
+    return runs, grids, {task: chance_loss(load_task(cfg, task)[1]) for task in cfg.tasks}
+
+
+def run_grid(cfg: Config, out: Path, progress: bool = True) -> tuple[dict[tuple, dict], dict[tuple, list[int]],
+                                                                     dict[str, float]]:
+    """Every run of the study: depth by depth, each grid extended until its optimum is interior.
+
+    Returns ``(runs keyed by (task, variant, depth, j, seed), grid indices per (task, variant, depth),
+    chance loss per task)``; the runs so far are saved to ``out`` after every round.
+    """
+    import os
+
+    from tqdm.auto import tqdm
+
+    from nup.sweep import _init_worker
+
+    chance = {task: chance_loss(load_task(cfg, task)[1]) for task in cfg.tasks}
+    cache = cached_runs(cfg, out)
+    runs: dict[tuple, dict] = {}
+    grids: dict[tuple, list[int]] = {}
+    centre = {(t, v): 0 for t in cfg.tasks for v in cfg.parameterizations}
+    pool = None
+    if cfg.workers > 1:
+        pool = ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_worker, initargs=(os.getpid(),))
+    bar = tqdm(desc="depth_transfer", unit="run", disable=None if progress else True, leave=False, total=0)
+    try:
+        for depth in cfg.depths:
+            for (task, variant), c in centre.items():
+                first = c - cfg.lr_points // 2
+                grids[task, variant, depth] = list(range(first, first + cfg.lr_points))
+            while True:
+                todo = [(*key, j, cfg.seed + s) for key, js in grids.items() if key[2] == depth
+                        for j in js for s in range(cfg.seeds) if (*key, j, cfg.seed + s) not in runs]
+                if not todo:
+                    break
+                runs.update({job: cache[job] for job in todo if job in cache})
+                todo = [job for job in todo if job not in runs]
+                bar.total += len(todo)
+                bar.set_postfix_str(f"L={depth}", refresh=False)
+                results = (pool.map(_job, [asdict(cfg)] * len(todo), todo) if pool
+                           else (train_one(cfg, *job) for job in todo))
+                for job, record in zip(todo, results):
+                    runs[job] = record
+                    bar.update()
+                if todo:
+                    _save_runs(cfg, out, runs)
+                for key, js in grids.items():
+                    if key[2] == depth:
+                        grids[key] = sorted(js + _extension(cfg, runs, key, js, chance[key[0]]))
+            for task, variant in centre:
+                js = grids[task, variant, depth]
+                mean = curve(cfg, runs, (task, variant, depth), js, horizons(cfg)[-1]).mean(axis=0)
+                eta = optimal_lr([grid_lr(cfg, j) for j in js], mean)["refined"]
+                if eta is not None:
+                    centre[task, variant] = round(math.log(eta / cfg.lr_centre) / math.log(GRID_RATIO))
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return runs, grids, chance
+
+
+def analyse(cfg: Config, runs: dict, grids: dict, chance: dict[str, float]) -> dict[str, Any]:
+    """Per task, parameterization and horizon: each depth's curve and η*, and the fitted and predicted slopes."""
+    from nup.theory import T, predicted_lr_slope
+
+    out: dict[str, Any] = {}
+    for task in cfg.tasks:
+        per_variant = {}
+        for variant in cfg.parameterizations:
+            m, kwargs = variant_config(cfg, variant)
+            theory_t = {str(d): T(d, m, **kwargs) for d in cfg.depths}
+            per_h = {}
+            for h in horizons(cfg):
+                by_depth, fit_depths = {}, []
+                for depth in cfg.depths:
+                    js = grids[task, variant, depth]
+                    lrs = [grid_lr(cfg, j) for j in js]
+                    seeds = curve(cfg, runs, (task, variant, depth), js, h)
+                    opt = optimal_lr(lrs, seeds.mean(axis=0))
+                    trained = opt["loss"] is not None and opt["loss"] <= chance[task] / 2
+                    if trained and not opt["at_edge"]:
+                        fit_depths.append(depth)
+                    by_depth[str(depth)] = {"lrs": lrs, "losses": [finite_or_none(v) for v in seeds.mean(axis=0)],
+                                            "optimum": opt, "trained": trained}
+                fit = slope_with_ci(fit_depths, {d: by_depth[str(d)]["lrs"] for d in fit_depths},
+                                    {d: curve(cfg, runs, (task, variant, d), grids[task, variant, d], h)
+                                     for d in fit_depths}, cfg.bootstrap, cfg.seed)
+                fit["depths"] = fit_depths
+                fit["predicted_slope"] = predicted_lr_slope(fit_depths, m, **kwargs) if len(fit_depths) > 1 else None
+                per_h[str(h)] = {"by_depth": by_depth, "fit": fit}
+            per_variant[variant] = {"T": theory_t, "horizons": per_h}
+        out[task] = {"chance_loss": chance[task], "parameterizations": per_variant}
+    return out
+
+
+def _plots(cfg: Config, analysis: dict, out: Path) -> list[str]:
+    names = []
+    hs = horizons(cfg)
+    for task, entry in analysis.items():
+        params = list(entry["parameterizations"])
+        fig = figure(4.2 * len(params), 3.6)
+        axes = fig.subplots(1, len(params), squeeze=False)[0]
+        for ax, variant in zip(axes, params):
+            by_depth = entry["parameterizations"][variant]["horizons"][str(hs[-1])]["by_depth"]
+            for i, depth in enumerate(cfg.depths):
+                e = by_depth[str(depth)]
+                ys = [np.nan if v is None else v for v in e["losses"]]
+                ax.plot(e["lrs"], ys, "o-" if e["trained"] else "o:", color=f"C{i}", ms=3, label=f"L={depth}")
+                if e["optimum"]["refined"] is not None:
+                    ax.plot([e["optimum"]["grid"]], [e["optimum"]["loss"]], "*", color=f"C{i}", ms=10, mec="k")
+            ax.axhline(entry["chance_loss"] / 2, color="0.6", lw=0.8, ls=":")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("lr η")
+            ax.set_title(variant)
+            ax.legend(fontsize="small")
+        axes[0].set_ylabel(f"mean train loss, steps {math.ceil(0.8 * hs[-1])}–{hs[-1]}")
+        fig.suptitle(f"{task}: loss against lr per depth (★ grid optimum; dotted line: half of chance; "
+                     "dotted curve: not trained)")
+        names.append(save_figure(fig, out / f"loss_vs_lr_{task}.png"))
+
+        fig = figure(4.2 * len(hs), 3.6)
+        axes = fig.subplots(1, len(hs), squeeze=False)[0]
+        for ax, h in zip(axes, hs):
+            for i, variant in enumerate(params):
+                v = entry["parameterizations"][variant]
+                e = v["horizons"][str(h)]
+                pts = [(d, e["by_depth"][str(d)]["optimum"]["refined"]) for d in cfg.depths
+                       if e["by_depth"][str(d)]["optimum"]["refined"] is not None]
+                fitted = [(d, eta) for d, eta in pts if d in e["fit"]["depths"]]
+                if pts:
+                    ax.plot(*zip(*pts), "o", mfc="white", color=f"C{i}", ms=6)
+                if fitted:
+                    ax.plot(*zip(*fitted), "o-", color=f"C{i}", label=f"{variant} ({fmt(e['fit']['slope'], 2)})")
+                    # SPEC's prediction η* ∝ 1/T(L), through the fitted points' geometric mean
+                    inv = np.array([1 / v["T"][str(d)] for d, _ in fitted])
+                    c = math.exp(np.mean(np.log([eta for _, eta in fitted]) - np.log(inv)))
+                    ax.plot([d for d, _ in fitted], c * inv, "--", color=f"C{i}", lw=0.9)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log", base=2)
+            ax.set_xlabel("depth L")
+            ax.set_title(f"horizon {h} steps")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize="x-small")
+        axes[0].set_ylabel("η*")
+        fig.suptitle(f"{task}: η* against depth (dashed: SPEC's η* ∝ 1/T(L); hollow: left out of the fit)")
+        names.append(save_figure(fig, out / f"optimal_lr_{task}.png"))
     return names
 
 
-def _widths_note(cfg: Config) -> str:
-    if "nup" not in cfg.parameterizations:
-        return ""
-    if cfg.max_width is None:
-        return f"νP widths are uncapped (m·k², m = {cfg.m})."
-    k_cap = math.isqrt(max(cfg.max_width // cfg.m, 0))
-    capped = [d for d in cfg.depths if cfg.m * (d - 1) ** 2 > cfg.max_width]
-    return (f"**Capped widths.** νP hidden widths m·k² (m = {cfg.m}) are capped at max_width = {cfg.max_width}, "
-            f"so only layers k ≤ {k_cap} follow the quadratic schedule; the νP runs at depth "
-            f"{', '.join(map(str, capped)) or 'none'} are capped (their records say widths_capped = true). A capped "
-            f"layer moves by √(m/max_width) = {math.sqrt(cfg.m / cfg.max_width):.3g} per unit lr instead of 1/k, "
-            "so at large depth the capped νP runs are *not* νP: run with --max-width 0 (uncapped, a GPU job) "
-            "to test νP itself.")
+def _ci(fit: dict) -> str:
+    return "n/a" if fit["ci95"] is None else f"[{fit['ci95'][0]:+.2f}, {fit['ci95'][1]:+.2f}]"
 
 
-def _readme(cfg: Config, analysis: dict, runs: list[dict], env: dict, figures: list[str]) -> list:
-    rows = []
-    for param in cfg.parameterizations:
-        for depth in cfg.depths:
-            e = analysis["parameterizations"][param]["by_depth"][str(depth)]
-            o = e["optimum"]
-            rows.append([param, depth, o["grid"], o["refined"], o["loss"], o["loss_spread"],
-                         "yes" if o["at_edge"] else "no"])
-    drift_rows = []
-    for param in cfg.parameterizations:
-        d = analysis["parameterizations"][param]["drift"]
-        drift_rows.append([param, f"{d['depth_max']}/{d['depth_min']}", d["ratio"], d["slope_loglog"],
-                           ", ".join(map(str, d["edge_depths"])) or "none"])
-    loss_rows = []
-    for param in cfg.parameterizations:
-        for depth in cfg.depths:
-            losses = analysis["parameterizations"][param]["by_depth"][str(depth)]["losses"]
-            loss_rows.append([param, depth, *["div" if v is None else f"{v:.3f}" for v in losses]])
-    n_div = sum(r["diverged"] for r in runs)
-    return [
+def _signed(value: float | None) -> str:
+    return "n/a" if value is None else f"{round(value, 2) + 0.0:+.2f}"
+
+
+def _readme(cfg: Config, analysis: dict, runs: dict, env: dict, figures: list[str]) -> list:
+    hs = horizons(cfg)
+    blocks = [
         Heading("Study: learning-rate transfer across depth", 1),
-        Paragraph(f"Final train loss (cross-entropy over the whole {cfg.data} train set) after {cfg.steps} NuP "
-                  f"steps (constant lr, minibatch {cfg.batch_size}, {cfg.activation}) against lr, for depths "
-                  f"{', '.join(map(str, cfg.depths))}. sp and sp_inv_depth use constant width {cfg.sp_width}. "
-                  f"{len(runs)} runs ({n_div} diverged), {cfg.seeds} seed(s), {env['wall_time_s']:.0f} s on "
-                  f"{env['device']} with {env['torch_threads']} torch thread(s)."),
-        Paragraph(_widths_note(cfg)),
-        Heading("Drift of the optimal lr across depth"),
-        Paragraph("ratio = η*(L_max)/η*(L_min) and the least-squares slope of log η* against log L "
-                  "(0 = the optimum transfers; −1 = η* ∝ 1/L). An optimum at the grid's edge is only a bound."),
-        Table(["parameterization", "depths", "η* ratio", "slope", "optimum at grid edge (depths)"], drift_rows),
-        Heading("Optimal lr per depth"),
-        Paragraph("η* grid = the best grid lr; η* refined = vertex of a parabola in log lr through it and "
-                  "its neighbours; spread = worst − best finite loss on the grid (a small spread means a flat, "
-                  "ill-determined optimum)."),
-        Table(["parameterization", "depth", "η* grid", "η* refined", "best loss", "spread", "at edge"], rows),
-        Heading("Loss table"),
-        Table(["parameterization", "depth", *[f"{lr:.3g}" for lr in analysis["lrs"]]], loss_rows),
-        *[Figure(Path(name), name.removesuffix(".png").replace("_", " ")) for name in figures],
+        Paragraph(f"NuMLP ({cfg.activation}, EOC) trained with NuP (constant lr, minibatch {cfg.batch_size}) for "
+                  f"{hs[-1]} steps on {' and '.join(cfg.tasks)} (teacher–student: {cfg.n_train} samples, "
+                  f"input dim, teacher width, classes = {', '.join(map(str, cfg.teacher_shape))}). Metric at "
+                  f"horizon H ∈ {{{', '.join(map(str, hs))}}}: the mean minibatch train loss over the last "
+                  f"{WINDOW:.0%} of the first H steps, one run giving all three. lr grid ratio √2 from "
+                  f"{cfg.lr_points} points per depth, extended (up to {cfg.max_lr_points}) until η* is interior; "
+                  f"η* = vertex of a parabola in (log lr, log loss). {cfg.seeds} seeds; 95% intervals from "
+                  f"{cfg.bootstrap} bootstrap resamples of the seeds. A depth whose best loss exceeds half of "
+                  "chance (the label entropy) is not trained and is left out of the fit, as is an optimum left at "
+                  f"the grid's edge. νP: widths m·(k + k0)², m = {cfg.m}, k0 = {cfg.width_offset}"
+                  f"{f', capped at {cfg.max_width} (not νP beyond the cap)' if cfg.max_width else ', uncapped'}; "
+                  f"sp and sp_inv_depth: width {cfg.sp_width}. {len(runs)} runs "
+                  f"({sum(r['diverged'] for r in runs.values())} with a non-finite loss), {env['wall_time_s']:.0f} s "
+                  f"on {env['device']} with {cfg.workers} worker process(es)."),
+        Paragraph("Prediction (SPEC §2): one step moves the output by about η·T(L), T(L) = Σ_{k<L} ρ_k, so "
+                  "η* ∝ 1/T(L); the predicted slope is the least-squares slope of −log T(L) over the fitted depths."),
     ]
+    for task, entry in analysis.items():
+        rows = []
+        for variant, v in entry["parameterizations"].items():
+            for h in hs:
+                fit = v["horizons"][str(h)]["fit"]
+                excluded = [d for d in cfg.depths if d not in fit["depths"]]
+                rows.append([variant, h, _signed(fit["slope"]), _ci(fit), _signed(fit["predicted_slope"]),
+                             ", ".join(map(str, fit["depths"])) or "none", ", ".join(map(str, excluded)) or "none"])
+        blocks += [Heading(f"{task}: slope of log η* against log L"),
+                   Table(["parameterization", "horizon", "measured slope", "95% CI", "T(L) prediction",
+                          "depths fitted", "left out"], rows)]
+        rows = []
+        for variant, v in entry["parameterizations"].items():
+            for d in cfg.depths:
+                cells = [variant, d, fmt(v["T"][str(d)])]
+                for h in hs:
+                    e = v["horizons"][str(h)]["by_depth"][str(d)]
+                    o = e["optimum"]
+                    note = "" if e["trained"] else " (not trained)"
+                    note += " (edge)" if o["at_edge"] else ""
+                    cells.append(f"{fmt(o['refined'])} @ {fmt(o['loss'])}{note}")
+                rows.append(cells)
+        blocks += [Heading(f"{task}: η* @ best loss per depth (chance {entry['chance_loss']:.3f})"),
+                   Table(["parameterization", "depth", "T(L)", *[f"H = {h}" for h in hs]], rows)]
+    blocks += [Figure(Path(name), name.removesuffix(".png").replace("_", " ")) for name in figures]
+    return blocks
 
 
 def run(cfg: Config, out: str | Path, progress: bool = True) -> dict[str, Any]:
     """Run the study into ``out``; returns the results written to ``results.json``."""
-    from tqdm.auto import tqdm
-
-    from nup.data import load_digits_split, teacher_student
-
     _check(cfg)
     out = prepare_out(out)
     start = time.perf_counter()
-    device = torch.device(cfg.device)
-    loader = load_digits_split if cfg.data == "digits" else teacher_student
-    x, y, _, _ = loader(seed=0, device=device)
-    jobs = [(p, d, lr, cfg.seed + s) for p in cfg.parameterizations for d in cfg.depths
-            for lr in cfg.lrs for s in range(cfg.seeds)]
-    runs = []
-    with tqdm(jobs, desc="depth_transfer", unit="run", disable=None if progress else True, leave=False) as bar:
-        for param, depth, lr, seed in bar:
-            bar.set_postfix_str(f"{param} L={depth} lr={lr:.3g}", refresh=False)
-            t0 = time.perf_counter()
-            record = train_one(cfg, param, depth, lr, seed, (x, y))
-            record["time_s"] = round(time.perf_counter() - t0, 3)
-            runs.append(record)
-    analysis = analyse(cfg, runs)
-    n_classes = int(y.max()) + 1
-    figures = _plots(cfg, analysis, out, n_classes)
-    env = environment(device, time.perf_counter() - start)
-    results = {"study": "depth_transfer", "config": config_dict(cfg),
-               "capped_runs": sum(r["widths_capped"] for r in runs), "analysis": analysis, "runs": runs,
-               "figures": figures, "environment": env}
-    write_outputs(out, results, _readme(cfg, analysis, runs, env, figures))
+    runs_env = None
+    if cfg.reanalyse:  # keep the environment the runs were made in
+        runs, grids, chance = saved_grid(cfg, out)  # raises if out has no saved runs
+        saved = json.loads((out / "results.json").read_text(encoding="utf-8"))
+        runs_env = saved.get("runs_environment") or saved.get("environment")
+    else:
+        runs, grids, chance = run_grid(cfg, out, progress)
+    analysis = analyse(cfg, runs, grids, chance)
+    figures = _plots(cfg, analysis, out)
+    env = environment(cfg.device, time.perf_counter() - start)
+    runs_env = runs_env or env
+    results = {"study": "depth_transfer", "config": config_dict(cfg), "horizons": horizons(cfg),
+               "analysis": analysis, "runs": list(runs.values()), "figures": figures, "environment": env,
+               "runs_environment": runs_env}
+    write_outputs(out, results, _readme(cfg, analysis, runs, runs_env, figures))
     return results
 
 
 def summary_line(results: dict[str, Any]) -> str:
-    """One line for the terminal: the drift of η* per parameterization."""
+    """One line: the measured slope, its CI and the prediction at the longest horizon, per task and variant."""
+    h = str(results["horizons"][-1])
     parts = []
-    for param, entry in results["analysis"]["parameterizations"].items():
-        d = entry["drift"]
-        parts.append(f"{param}: η* ratio {fmt(d['ratio'])}, slope {fmt(d['slope_loglog'])}")
+    for task, entry in results["analysis"].items():
+        for variant, v in entry["parameterizations"].items():
+            fit = v["horizons"][h]["fit"]
+            parts.append(f"{task} {variant}: slope {_signed(fit['slope'])} {_ci(fit)} "
+                         f"(T(L) {_signed(fit['predicted_slope'])})")
     return "; ".join(parts)
