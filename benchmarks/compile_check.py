@@ -170,6 +170,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="directory for compile_check.json and compile_check.md")
     p.add_argument("--check", action="store_true", help="exit 1 when any compile fails the check")
     p.add_argument("--quick", action="store_true", help="one config per launch, aligned shapes only")
+    p.add_argument("--only", default="", help="comma-separated kernel names (e.g. _gram_norm_kernel); default all")
     return p.parse_args(argv)
 
 
@@ -178,7 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = datetime.datetime.now(datetime.timezone.utc)
-    todo = units(discover_launches(), args.quick)
+    launches = discover_launches()
+    only = {k for k in args.only.split(",") if k}
+    unknown = only - {launch["kernel"] for launch in launches}
+    if unknown:
+        print(f"compile_check: no recorded launch of {sorted(unknown)}; kernels are "
+              f"{sorted({launch['kernel'] for launch in launches})}", file=sys.stderr)  # fmt: skip
+        return 2
+    todo = units([launch for launch in launches if not only or launch["kernel"] in only], args.quick)
     print(f"compile_check: Triton {triton.__version__}, {len(todo)} compiles for sm_90", flush=True)
     results = []
     for i, (launch, config, variant) in enumerate(todo, 1):
@@ -191,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = summary_rows(results)
     meta = {
         "triton": triton.__version__, "target": str(aot.TARGET), "date": start.date().isoformat(),
-        "command": "python benchmarks/compile_check.py" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python benchmarks/compile_check.py",
+                             *("--out DIR" if a == "--out" else a for a in sys.argv[1:] if a != args.out)]),
         "compiles": len(results), "failed": sum(bool(r.failures) for r in results),
         "seconds": (datetime.datetime.now(datetime.timezone.utc) - start).total_seconds(),
         "shared_limit": aot.SHARED_LIMIT,

@@ -138,7 +138,8 @@ def compile_one(launch: dict[str, Any], tuned: dict[str, Any], num_warps: int, n
     ptx = kernel.asm["ptx"]
     resources = _parse_ptxas(log.getvalue())
     resources["shared"] = int(kernel.metadata.shared)
-    resources["tensor_core"] = "wgmma" if "wgmma.mma_async" in ptx else ("mma" if re.search(r"\bmma\.sync", ptx) else "")
+    mma = "mma" if re.search(r"\bmma\.sync", ptx) else ""
+    resources["tensor_core"] = "wgmma" if "wgmma.mma_async" in ptx else mma
     resources["matmul"] = "tt.dot" in kernel.asm["ttir"]
     return resources, seconds
 

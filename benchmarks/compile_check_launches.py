@@ -138,7 +138,8 @@ def _constexpr_json(value: Any) -> Any:
 
 
 def _layer_ops(dtype: torch.dtype, act: str, bias: bool, batch: int = 32, n_in: int = 48, n_out: int = 64) -> None:
-    """Every public launcher of one layer: forward, dx, dW, δ, bias grad, Gram norm, apply, multi-tensor."""
+    """Every public launcher of one layer: forward, δ, dx, dW (δ recomputed and given), bias grad, Gram norm,
+    apply (both paths), multi-tensor."""
     from nup_kernels import apply_update, gram_norm, linear_act, multi_tensor
 
     g = torch.Generator().manual_seed(0)
@@ -152,7 +153,11 @@ def _layer_ops(dtype: torch.dtype, act: str, bias: bool, batch: int = 32, n_in: 
     linear_act.linear_act_backward_dw(dy, saved, x, 0.5, act)
     if bias:
         linear_act.linear_act_bias_grad(dy, saved, 1.0, act)
+    linear_act.linear_act_backward_delta_dx(dy, saved, w, 0.5, act, dtype)
+    linear_act.linear_act_backward_dx(dy, saved, w, 0.5, act, out_dtype=dtype, delta=delta)
+    linear_act.linear_act_backward_dw(dy, saved, x, 0.5, act, delta=delta)
     gram_norm.grad_norm_sq_gram(x, delta.to(dtype), 0.5)
+    gram_norm.grad_norm_sq_partials(x, delta, 0.5)
     coef = torch.full((1,), -0.01)
     g_full = torch.randn(n_out, n_in, generator=g)
     c = torch.zeros_like(w)

@@ -28,10 +28,13 @@ _BLOCK_K = 64
 
 @triton.jit
 def _gram_tile(
-    a_ptr, stride_b, stride_k, rows_i, rows_j, B, k_lo, k_hi, DIAG,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    a_ptr, stride_b, stride_k, rows_i, rows_j, B, k_lo, k_hi,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, ONE_TILE: tl.constexpr,
 ):  # fmt: skip
-    """Tile ``(rows_i, rows_j)`` of ``A[:, k_lo:k_hi] A[:, k_lo:k_hi]ᵀ`` in fp32; ``DIAG``: rows_i is rows_j, loaded once."""
+    """Tile ``(rows_i, rows_j)`` of ``A[:, k_lo:k_hi] A[:, k_lo:k_hi]ᵀ`` in fp32.
+
+    ``ONE_TILE`` (the batch fits one tile, so ``rows_i`` is ``rows_j``): the rows are loaded once.
+    """
     mask_i = rows_i < B
     mask_j = rows_j < B
     acc = tl.zeros((BLOCK_B, BLOCK_B), dtype=tl.float32)
@@ -42,7 +45,7 @@ def _gram_tile(
         kmask = (k0 + ks) < k_hi
         base = a_ptr + k0 * stride_k
         a = tl.load(base + off_i, mask=mask_i[:, None] & kmask[None, :], other=0.0)
-        if DIAG:
+        if ONE_TILE:
             b = a
         else:
             b = tl.load(base + off_j, mask=mask_j[:, None] & kmask[None, :], other=0.0)
@@ -59,6 +62,7 @@ def _gram_norm_kernel(
     stride_xb, stride_xk, stride_db, stride_dk,
     chunk_x, chunk_d, n_chunks_d, scale,
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    ONE_TILE: tl.constexpr,
 ):  # fmt: skip
     """Grid ``(n_b, n_b, n_chunks_x · n_chunks_d)``; ``scale·⟨X_c, D_e⟩`` of tile ``(pi, pj)`` per program."""
     pi = tl.program_id(0)
@@ -73,13 +77,12 @@ def _gram_norm_kernel(
         e = pc % n_chunks_d
         rows_i = pi * BLOCK_B + tl.arange(0, BLOCK_B)
         rows_j = pj * BLOCK_B + tl.arange(0, BLOCK_B)
-        diag = pi == pj
         x_lo = c * chunk_x
         gx = _gram_tile(x_ptr, stride_xb, stride_xk, rows_i, rows_j, B, x_lo, tl.minimum(x_lo + chunk_x, n_in),
-                        diag, BLOCK_B, BLOCK_K, PREC, UPCAST)  # fmt: skip
+                        BLOCK_B, BLOCK_K, PREC, UPCAST, ONE_TILE)  # fmt: skip
         d_lo = e * chunk_d
         gd = _gram_tile(d_ptr, stride_db, stride_dk, rows_i, rows_j, B, d_lo, tl.minimum(d_lo + chunk_d, n_out),
-                        diag, BLOCK_B, BLOCK_K, PREC, UPCAST)  # fmt: skip
+                        BLOCK_B, BLOCK_K, PREC, UPCAST, ONE_TILE)  # fmt: skip
         weight = tl.where(pj > pi, 2.0, 1.0) * tl.cast(scale, tl.float32)
         tl.store(partials_ptr + slot, weight * tl.sum(gx * gd))
 
@@ -141,7 +144,7 @@ def grad_norm_sq_partials(
         x.stride(0), x.stride(1), delta.stride(0), delta.stride(1),
         chunk_x, chunk_d, n_cd, float(alpha) ** 2,
         BLOCK_B=block_b, BLOCK_K=_BLOCK_K, PREC=fp32_dot_precision(), UPCAST=interpreter_active(),
-        num_warps=4,
+        ONE_TILE=n_b == 1, num_warps=4,
     )  # fmt: skip
     return out
 

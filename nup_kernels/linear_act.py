@@ -222,7 +222,7 @@ def _linear_act_bwd_dx_kernel(
     if STORE_DELTA:
         delta_base = delta_ptr + m0 * stride_deltam
         delta_offs = rm[:, None] * stride_deltam + rn[None, :] * stride_deltan
-        m_store = m_ok & (pid_k == 0)
+        m_store = rm < tl.where(pid_k == 0, M - m0, 0)  # rows this program stores: all or none
     a = tl.cast(act_a, tl.float32)
     b = tl.cast(act_b, tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
@@ -334,9 +334,11 @@ def _activation_delta_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    a = tl.cast(act_a, tl.float32)
+    b = tl.cast(act_b, tl.float32)
     delta = _delta_tile(dy_ptr, s_ptr, offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
-                        offs_m[:, None] * stride_sm + offs_n[None, :] * stride_sn, mask,
-                        tl.cast(act_a, tl.float32), tl.cast(act_b, tl.float32), ACTIVATION, FROM_OUTPUT, False)  # fmt: skip
+                        offs_m[:, None] * stride_sm + offs_n[None, :] * stride_sn, mask, a, b, ACTIVATION, FROM_OUTPUT,
+                        False)  # fmt: skip
     tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], delta, mask=mask)
 
 
