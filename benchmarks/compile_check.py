@@ -51,23 +51,32 @@ def _label(d: dict[str, Any]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(d.items()))
 
 
+_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+
+def _group(launch: dict[str, Any]) -> tuple:
+    """(kernel, precision, narrowest float dtype): the launches whose configs are swept together."""
+    floats = [d for d in launch["dtypes"].values() if d in _ITEMSIZE]
+    narrow = min(floats, key=_ITEMSIZE.get) if floats else ""
+    return launch["kernel"], launch["constexprs"].get("INPUT_PRECISION", launch["constexprs"].get("PREC")), narrow
+
+
 def units(launches: list[dict[str, Any]], quick: bool) -> list[tuple[dict[str, Any], tuple, str]]:
     """Distinct ``(launch, (config, num_warps, num_stages), variant)`` compile units.
 
-    Per kernel, dtypes and precision, the first launch recorded (the default activation) is
-    compiled in every config the dispatcher keeps, at aligned shapes, and in its first config
-    (the largest tiles) at unaligned ones; the other launches of that group (other activations,
-    bias or not, block sizes) in the first config, both variants. ``quick``: first config, aligned.
+    Per kernel, precision and narrowest dtype, the first launch recorded (the default activation)
+    is compiled in every config the dispatcher keeps at aligned shapes, and in its first config (the
+    largest tiles) at unaligned ones; the other launches of that group (other activations, bias, δ
+    given or stored, block sizes) in their first config at aligned shapes. ``quick``: first config,
+    aligned, every launch.
     """
     seen, out, swept = set(), [], set()
     for launch in launches:
         configs = aot.configs_of(launch)
-        group = (launch["kernel"], json.dumps(launch["dtypes"], sort_keys=True),
-                 launch["constexprs"].get("INPUT_PRECISION", launch["constexprs"].get("PREC")))  # fmt: skip
-        sweep = not quick and group not in swept
-        swept.add(group)
+        sweep = not quick and _group(launch) not in swept
+        swept.add(_group(launch))
         plan = [(c, "aligned") for c in (configs if sweep else configs[:1])]
-        plan += [] if quick else [(configs[0], "unaligned")]
+        plan += [(configs[0], "unaligned")] if sweep else []
         for config, variant in plan:
             fn, signature, constexprs, attrs = aot.compile_inputs(launch, config[0], variant == "aligned")
             key = (launch["module"], launch["kernel"], json.dumps(signature, sort_keys=True),
