@@ -11,7 +11,7 @@ Writes ``DIR/compile_check.json`` (every compile: registers, spill bytes, stack,
 tensor-core instructions, compile seconds) and ``DIR/compile_check.md`` (per kernel, then per
 config). ``--check`` exits 1 when anything fails: a compile error, shared memory over 227 KB, spills
 at aligned shapes, or a 16-bit matmul kernel without ``mma``/``wgmma``. ``--quick`` compiles one
-config per launch, aligned only (the pytest smoke test).
+config of the first launch per kernel, precision and dtype, aligned only (the pytest smoke test).
 """
 
 from __future__ import annotations
@@ -67,14 +67,17 @@ def units(launches: list[dict[str, Any]], quick: bool) -> list[tuple[dict[str, A
     Per kernel, precision and narrowest dtype, the first launch recorded (the default activation)
     is compiled in every config the dispatcher keeps at aligned shapes, and in its first config (the
     largest tiles) at unaligned ones; the other launches of that group (other activations, bias, δ
-    given or stored, block sizes) in their first config at aligned shapes. ``quick``: first config,
-    aligned, every launch.
+    given or stored, block sizes) in their first config at aligned shapes. ``quick``: the first
+    launch of each group only, in its first config, aligned.
     """
     seen, out, swept = set(), [], set()
     for launch in launches:
         configs = aot.configs_of(launch)
-        sweep = not quick and _group(launch) not in swept
+        first = _group(launch) not in swept
         swept.add(_group(launch))
+        if quick and not first:
+            continue
+        sweep = first and not quick
         plan = [(c, "aligned") for c in (configs if sweep else configs[:1])]
         plan += [(configs[0], "unaligned")] if sweep else []
         for config, variant in plan:
@@ -178,7 +181,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", required=True, help="directory for compile_check.json and compile_check.md")
     p.add_argument("--check", action="store_true", help="exit 1 when any compile fails the check")
-    p.add_argument("--quick", action="store_true", help="one config per launch, aligned shapes only")
+    p.add_argument("--quick", action="store_true", help="one compile per kernel, precision and dtype (aligned)")
     p.add_argument("--only", default="", help="comma-separated kernel names (e.g. _gram_norm_kernel); default all")
     return p.parse_args(argv)
 

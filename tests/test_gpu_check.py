@@ -223,7 +223,7 @@ def test_a_section_over_its_time_limit_is_stopped_and_the_rest_still_run(tmp_pat
     proc = _run(tmp_path, "--tiny", "--only", "compile,correctness_fp32", "--section-limit-s", "1", timeout=300)
     data = json.loads((tmp_path / "gpu_check.json").read_text())
     statuses = {n: s["status"] for n, s in data["sections"].items() if n in ("compile", "correctness_fp32")}
-    # under the interpreter a section needs well over 1 s (torch alone takes longer to import): both are stopped, each on its own
+    # a section needs well over 1 s (torch alone takes longer to import): both are stopped, each on its own
     assert statuses == {"compile": "error", "correctness_fp32": "error"}, statuses
     assert "time limit" in data["sections"]["compile"]["reason"]
     assert proc.returncode == 1 and data["complete"] is True

@@ -6,6 +6,7 @@ import argparse
 import datetime
 import importlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import torch
 from gpu.correctness import section_compile, section_correctness
 from gpu.helpers import free_memory
 from gpu.record import Run, _timing_line
-from gpu.settings import PHASES, SECTION_GRACE_S, SECTION_LIMIT_S, SECTIONS
+from gpu.settings import BUDGET_S, PHASES, SECTION_GRACE_S, SECTION_LIMIT_S, SECTIONS
 from gpu.step_checks import section_fused_step, section_host_sync
 from gpu.timing_kernels import section_timing_linear, section_timing_memory
 from gpu.timing_step import section_timing_step, section_timing_step_compiled
@@ -129,12 +130,13 @@ def run_sections(run: Run, args: argparse.Namespace, selected: list[str]) -> Non
         with open(steps, "w") as f:
             json.dump({json.dumps(list(k)): v for k, v in run.steps.items()}, f)
         limit = max(1.0, min(args.section_limit_s, args.budget_s + SECTION_GRACE_S - run.elapsed()))
+        limit = None if math.isinf(limit) else limit
         t = time.perf_counter()
         try:
             proc = subprocess.run(_child_args(args, name, part, steps), timeout=limit, check=False)
             status = None if proc.returncode == 0 else f"section process exited with status {proc.returncode}"
         except subprocess.TimeoutExpired:
-            status = f"time limit of {limit:.0f} s reached; the checks it had finished are kept"
+            status = f"time limit of {limit:.3g} s reached; the checks it had finished are kept"
         entry = _merge(run, name, part)
         if entry is None or status is not None:
             entry = {"status": "error", "reason": status or "the section process wrote no record",
@@ -198,10 +200,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="folder for gpu_check.json (and sections/, one record per section)")
     p.add_argument("--phase", choices=("all", *PHASES), default="all",
                    help="correctness: compile, correctness_*, fused_step, host_sync; timing: timing_* (default all)")
-    p.add_argument("--budget-s", type=float, default=270.0,
-                   help="no section or timing item starts after this many seconds (default 270)")
-    p.add_argument("--section-limit-s", type=float, default=SECTION_LIMIT_S,
-                   help=f"a section process is stopped after this many seconds (default {SECTION_LIMIT_S:g})")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="no section or timing item starts after this many seconds (default 270 on CUDA; "
+                        "unlimited in the CPU interpreter)")
+    p.add_argument("--section-limit-s", type=float, default=None,
+                   help=f"a section process is stopped after this many seconds (default {SECTION_LIMIT_S:g} on "
+                        "CUDA; unlimited in the CPU interpreter)")
     p.add_argument("--tiny", action="store_true", help="tiny shapes, 1-2 repeats; runs on CPU via the interpreter")
     p.add_argument("--only", default="", help="comma-separated sections to run (default: all of the phase)")
     p.add_argument("--skip", default="", help="comma-separated sections to skip")
@@ -254,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     if not cuda:  # before triton is first imported
         os.environ.setdefault("TRITON_INTERPRET", "1")
         os.environ.setdefault("NUP_BACKEND", "triton")
+    # the limits fit one H200's 5 minutes per phase; the interpreter is orders of magnitude slower
+    args.budget_s = args.budget_s if args.budget_s is not None else (BUDGET_S if cuda else math.inf)
+    args.section_limit_s = args.section_limit_s or (SECTION_LIMIT_S if cuda else math.inf)
     os.makedirs(args.out, exist_ok=True)
     if args.started is None:
         args.started = time.time()

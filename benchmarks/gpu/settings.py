@@ -24,7 +24,8 @@ PHASES = {
     "correctness": SECTIONS[:6],
     "timing": SECTIONS[6:],
 }
-SECTION_LIMIT_S = 150.0  # default time limit of one section process
+BUDGET_S = 270.0  # default --budget-s on CUDA
+SECTION_LIMIT_S = 150.0  # default time limit of one section process on CUDA
 SECTION_GRACE_S = 30.0  # a section started before the budget ran out may run this long past it
 #: relative RMS error ``‖out − ref‖ / ‖ref‖`` allowed against the reference in fp32 with TF32 off
 TOLERANCE = {"fp32": 2e-5, "tf32": 5e-3, "bf16": 2e-2}
