@@ -98,7 +98,8 @@ def run_unit(launch: dict[str, Any], config: tuple, variant: str) -> aot.Result:
                                                       if isinstance(v, str) and v.startswith("tl.")})  # fmt: skip
     result = aot.Result(
         kernel=launch["kernel"], dtypes=",".join(dtypes), precision=str(precision),
-        constexprs=_label({k: v for k, v in constexprs.items() if k not in ("INPUT_PRECISION", "PREC")}),
+        constexprs=_label({k: aot.INTERPRETER_ONLY.get(k, v) for k, v in constexprs.items()
+                           if k not in ("INPUT_PRECISION", "PREC")}),  # fmt: skip
         config=_label(tuned | {"warps": warps, "stages": stages}), variant=variant,
     )  # fmt: skip
     try:
@@ -149,7 +150,7 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], results: list[aot
         f"`{meta['command']}`: {meta['compiles']} compiles in {meta['seconds']:.0f} s, "
         f"{meta['failed']} failing. Target `{meta['target']}`, shared-memory limit {aot.SHARED_LIMIT} B.",
         "Spills are ptxas spill stores + loads in bytes, worst over configs; `aligned` has every "
-        "integer argument divisible by 16.",
+        "integer argument divisible by 16. `precision` (TF32 or IEEE) matters for fp32 operands only.",
         "",
         "| kernel | dtypes | precision | configs | compiles | max regs | spills aligned | spills unaligned "
         "| max shared B | tensor cores | compile s | failing |",

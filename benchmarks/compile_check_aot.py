@@ -31,7 +31,7 @@ from triton.runtime.autotuner import Autotuner
 
 TARGET = GPUTarget("cuda", 90, 32)
 SHARED_LIMIT = 232448  # bytes of shared memory one sm_90 block may use (227 KB)
-_INTERPRETER_ONLY = {"UPCAST": False}
+INTERPRETER_ONLY = {"UPCAST": False}
 
 
 @dataclass
@@ -115,7 +115,7 @@ def compile_inputs(launch: dict[str, Any], tuned: dict[str, Any], aligned: bool)
             constexprs[name] = None
     for name, value in {**launch["constexprs"], **tuned}.items():
         signature[name] = "constexpr"
-        constexprs[name] = _INTERPRETER_ONLY.get(name, _constexpr_value(value))
+        constexprs[name] = INTERPRETER_ONLY.get(name, _constexpr_value(value))
     return fn, {name: signature[name] for name in fn.arg_names}, constexprs, attrs
 
 
