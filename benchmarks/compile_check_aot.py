@@ -67,7 +67,8 @@ def configs_of(launch: dict[str, Any]) -> list[tuple[dict[str, Any], int, int]]:
     """``(constexprs, num_warps, num_stages)`` of every config the dispatcher can pick for this launch.
 
     Autotuned kernels: the autotuner's configs that its ``early_config_prune`` keeps for the
-    recorded dtypes and constexprs (tensors are passed as objects with ``.dtype`` only).
+    recorded dtypes and constexprs (tensors are passed as objects with ``.dtype`` only, constexprs
+    as keyword arguments, as the autotuner does).
     """
     obj = _kernel_object(launch)
     if not isinstance(obj, Autotuner):
@@ -75,7 +76,7 @@ def configs_of(launch: dict[str, Any]) -> list[tuple[dict[str, Any], int, int]]:
     named = {k: SimpleNamespace(dtype=getattr(torch, v)) for k, v in launch["dtypes"].items()}
     named |= {k: v for k, v in launch["values"].items() if k not in named}
     named |= launch["constexprs"]
-    kept = obj.early_config_prune(obj.configs, named) if obj.early_config_prune else obj.configs
+    kept = obj.early_config_prune(obj.configs, named, **launch["constexprs"]) if obj.early_config_prune else obj.configs
     return [(dict(c.kwargs), c.num_warps, c.num_stages) for c in kept]
 
 
