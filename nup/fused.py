@@ -23,12 +23,12 @@ import torch
 from nup import step_core as core
 from nup_kernels import cpu, gram_norm, reference
 from nup_kernels.apply_update import apply_bias_update, apply_normalized_update, choose_update_path, max_programs
-from nup_kernels.backend import interpreter_active, triton, use_triton
+from nup_kernels.backend import use_triton
 from nup_kernels.gram_norm import grad_norm_sq_gram
 from nup_kernels.linear_act import (
     activation_delta,
+    linear_act_backward_delta_dx,
     linear_act_backward_dw,
-    linear_act_backward_dx,
     linear_act_forward,
 )
 
@@ -198,42 +198,29 @@ class _LayerUpdate:
         b, w, alpha = self.fused.buffers, layer.weight, layer.alpha
         out = dict(rates=b["rates"], d_norm_out=b["d_norm"], cumulative_is_init=init)
         path = choose_update_path(x.shape[0], w.shape[0], w.shape[1], w.dtype, w.device)
-        scale = 1.0
         if path == "small_batch" and use_triton(x) and x.shape[0] > 0:
-            grad, g_sq, scale = None, self._gram_partials(x, delta), alpha * alpha
+            grad, g_sq = None, self._gram_partials(x, delta, alpha)
         elif path == "small_batch":
             grad, g_sq = None, grad_norm_sq_gram(x, delta, alpha).reshape(1)
         elif use_triton(x):
-            grad, g_sq = linear_act_backward_dw(dy, saved, x, alpha, layer.activation)
+            grad, g_sq = linear_act_backward_dw(dy, saved, x, alpha, layer.activation, delta=delta)
             g_sq = g_sq.reshape(1)
         else:
             grad, g_sq = reference.linear_act_backward_dw(delta, x, alpha)
             g_sq = g_sq.reshape(1)
         apply_normalized_update(
             w, c_w, g_sq, self.index_w, dot_out=b["dot"][self.index_w], grad=grad, x=x, delta=delta,
-            alpha=alpha, g_sq_scale=scale, **out,
+            alpha=alpha, **out,
         )  # fmt: skip
         if layer.bias is not None:
             apply_bias_update(
                 layer.bias, c_b, delta, layer.bias_scale, self.index_b, dot_out=b["dot"][self.index_b], **out
             )
 
-    def _gram_partials(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """``‖G‖²/α²`` as fp32 per-program partials of the Gram kernel, in one launch (no sum).
-
-        Switch to ``gram_norm.grad_norm_sq_partials`` when it is merged (it is this launch).
-        """
-        batch = x.shape[0]
-        block = gram_norm._block(batch, 16, 64)
-        n = triton.cdiv(batch, block)
-        partials = self.buffer("gram", (n * n,), x)
-        gram_norm._gram_norm_kernel[(n, n)](
-            x, delta, partials, batch, x.shape[1], delta.shape[1], x.stride(0), x.stride(1), delta.stride(0),
-            delta.stride(1), BLOCK_B=block, BLOCK_KX=gram_norm._block(x.shape[1], 16, 64),
-            BLOCK_KD=gram_norm._block(delta.shape[1], 16, 64), PREC=gram_norm.dot_precision(),
-            UPCAST=interpreter_active(), num_warps=4,
-        )  # fmt: skip
-        return partials
+    def _gram_partials(self, x: torch.Tensor, delta: torch.Tensor, alpha: float) -> torch.Tensor:
+        """``‖G‖²`` as fp32 per-program partials of the Gram kernel, in one launch into a reused buffer."""
+        size = gram_norm.grad_norm_sq_partials_size(x.shape[0], x.shape[1], delta.shape[1])
+        return gram_norm.grad_norm_sq_partials(x, delta, alpha, out=self.buffer("gram", (size,), x))
 
 
 class _LinearActUpdate(torch.autograd.Function):
@@ -259,18 +246,17 @@ class _LinearActUpdate(torch.autograd.Function):
         x, weight, saved = ctx.saved_tensors
         layer = ctx.layer
         act = layer.activation
-        if ctx.kernels:
+        dx = None
+        if ctx.kernels and ctx.needs_input_grad[0]:  # δ and dx (with the old W) in one launch
+            delta, dx = linear_act_backward_delta_dx(dy, saved, weight, layer.alpha, act, out_dtype=x.dtype)
+        elif ctx.kernels:
             delta = activation_delta(dy, saved, act)
         elif cpu.folds_into_blas(act) and x.dtype == weight.dtype:
             delta = cpu.output_delta(dy, saved, act).float()
         else:
             delta = reference.activation_delta(dy, saved, act, act.grad_from_output)
-        dx = None
-        if ctx.needs_input_grad[0]:  # uses the old W: computed before the update
-            if ctx.kernels:  # switch to linear_act_backward_delta_dx (δ and dx in one launch) when merged
-                dx = linear_act_backward_dx(dy, saved, weight, layer.alpha, act, out_dtype=x.dtype)
-            else:
-                dx = cpu.scaled_mm(delta.to(weight.dtype), weight, layer.alpha).to(x.dtype)
+        if ctx.needs_input_grad[0] and not ctx.kernels:  # uses the old W: computed before the update
+            dx = cpu.scaled_mm(delta.to(weight.dtype), weight, layer.alpha).to(x.dtype)
         with torch.no_grad():
             ctx.hook.update(layer, x, dy, saved, delta)
         return dx, None, None, None, None

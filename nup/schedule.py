@@ -135,7 +135,7 @@ class ConstantSchedule(MultiplierSchedule):
     uses_clock = False  # λ never depends on the step: two launches a step saved
 
     def _next(self, cos, update_norm, c_norm, moved) -> torch.Tensor:
-        return torch.ones_like(cos)
+        return self.lam  # made as ones by multiplier(), never changed: no launch
 
 
 class WarmupCosineSchedule(MultiplierSchedule):

@@ -83,6 +83,25 @@ def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def fp32_dot_precision() -> str:
+    """``tl.dot``'s ``input_precision`` for fp32 operands: ``"tf32"`` where torch allows TF32 matmuls, else ``"ieee"``.
+
+    The one TF32 policy of the kernels, read once per launch, so a kernel rounds as the torch
+    matmul it replaces. It reads torch's new per-backend setting
+    (``torch.backends.cuda.matmul.fp32_precision``, then the global ``torch.backends.fp32_precision``)
+    and falls back to ``torch.get_float32_matmul_precision()`` only when both are ``"none"``: once
+    the new API is used, the legacy getters (``allow_tf32``, ``get_float32_matmul_precision``) raise.
+    """
+    for owner in (getattr(torch.backends.cuda, "matmul", None), torch.backends):
+        value = getattr(owner, "fp32_precision", "none")
+        if value in ("tf32", "ieee"):
+            return value
+    try:
+        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    except RuntimeError:  # mixed legacy and new settings, none of them decisive
+        return "ieee"
+
+
 def use_triton(tensor: torch.Tensor) -> bool:
     """True when ops on ``tensor`` should run the Triton kernels."""
     forced = requested_backend()

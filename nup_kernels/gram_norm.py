@@ -1,10 +1,14 @@
 """``‖G‖²`` of the rank-B gradient ``G = α·δᵀx`` from two B×B Gram matrices; G is never formed.
 
 ``‖α·δᵀx‖²_F = α²·⟨x xᵀ, δ δᵀ⟩_F``, which costs ``B²·(n_in + n_out)`` multiply-adds instead of
-``B·n_in·n_out``. Each program computes one ``BLOCK_B × BLOCK_B`` tile of both Gram matrices
-(``tl.dot`` over the feature dimension) and writes the tile's ``⟨·,·⟩`` to a partials buffer;
-only tiles on or above the diagonal are computed (both Grams are symmetric, so an off-diagonal
-tile counts twice). The partials are then summed by ``torch.sum``, which is deterministic.
+``B·n_in·n_out``. The work is split over the features too, so a small batch still fills the GPU:
+with ``x xᵀ = Σ_c X_c`` over chunks ``c`` of the ``n_in`` features and ``δ δᵀ = Σ_e D_e`` over
+chunks of ``n_out``, ``⟨x xᵀ, δ δᵀ⟩ = Σ_{c,e} ⟨X_c, D_e⟩``. One program computes one
+``BLOCK_B × BLOCK_B`` tile of one ``X_c`` and one ``D_e`` (``tl.dot`` over its chunk) and writes
+their ``⟨·,·⟩`` to its own slot of a partials buffer; tiles below the diagonal write 0 (both Grams
+are symmetric, so an off-diagonal tile counts twice). One launch, no atomics: the partials'
+``torch.sum`` is deterministic, and it is clamped at 0 (TF32 or 16-bit rounding of a nearly
+vanishing ``‖G‖²`` must not turn into NaN in ``sqrt``).
 """
 
 from __future__ import annotations
@@ -12,43 +16,37 @@ from __future__ import annotations
 import torch
 
 from nup_kernels import reference
-from nup_kernels.backend import check_inputs, interpreter_active, tl, triton, use_triton
+from nup_kernels.backend import check_inputs, fp32_dot_precision, interpreter_active, tl, triton, use_triton
 
-
-def dot_precision() -> str:
-    """``tl.dot`` input precision for fp32 operands, following torch's matmul setting.
-
-    ``"ieee"`` when ``torch.get_float32_matmul_precision()`` is ``"highest"`` (torch's default),
-    else ``"tf32"``, so a kernel rounds exactly as the torch matmul it replaces. Kernels also take
-    ``UPCAST=interpreter_active()``: Triton's interpreter holds 16-bit floats as raw bits and
-    computes ``tl.dot`` on them wrongly, so there the operands are cast to fp32 first.
-    """
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+#: ``tl.dot`` input precision for fp32 operands (kept under this name for the kernels that import it)
+dot_precision = fp32_dot_precision
+_MAX_CHUNKS = 12  # feature chunks per side: up to 144 programs per tile pair
+_BLOCK_K = 64
 
 
 @triton.jit
 def _gram_tile(
-    a_ptr, stride_b, stride_k, rows_i, rows_j, B, K,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    a_ptr, stride_b, stride_k, rows_i, rows_j, B, k_lo, k_hi,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, ONE_TILE: tl.constexpr,
 ):  # fmt: skip
-    """The ``(rows_i, rows_j)`` tile of ``A Aᵀ`` for ``A`` of shape ``(B, K)``, in fp32."""
+    """Tile ``(rows_i, rows_j)`` of ``A[:, k_lo:k_hi] A[:, k_lo:k_hi]ᵀ`` in fp32.
+
+    ``ONE_TILE`` (the batch fits one tile, so ``rows_i`` is ``rows_j``): the rows are loaded once.
+    """
     mask_i = rows_i < B
     mask_j = rows_j < B
     acc = tl.zeros((BLOCK_B, BLOCK_B), dtype=tl.float32)
-    ks = tl.arange(0, BLOCK_K).to(tl.int64)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + ks
-        kmask = kk < K
-        a = tl.load(
-            a_ptr + rows_i[:, None] * stride_b + kk[None, :] * stride_k,
-            mask=mask_i[:, None] & kmask[None, :],
-            other=0.0,
-        )
-        b = tl.load(
-            a_ptr + rows_j[:, None] * stride_b + kk[None, :] * stride_k,
-            mask=mask_j[:, None] & kmask[None, :],
-            other=0.0,
-        )
+    ks = tl.arange(0, BLOCK_K)
+    off_i = rows_i[:, None] * stride_b + ks[None, :] * stride_k
+    off_j = rows_j[:, None] * stride_b + ks[None, :] * stride_k
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kmask = (k0 + ks) < k_hi
+        base = a_ptr + k0 * stride_k
+        a = tl.load(base + off_i, mask=mask_i[:, None] & kmask[None, :], other=0.0)
+        if ONE_TILE:
+            b = a
+        else:
+            b = tl.load(base + off_j, mask=mask_j[:, None] & kmask[None, :], other=0.0)
         if UPCAST:
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc += tl.dot(a, tl.trans(b), input_precision=PREC)
@@ -57,79 +55,105 @@ def _gram_tile(
 
 @triton.jit
 def _gram_norm_kernel(
-    x_ptr,
-    d_ptr,
-    partials_ptr,
-    B,
-    n_in,
-    n_out,
-    stride_xb,
-    stride_xk,
-    stride_db,
-    stride_dk,
-    BLOCK_B: tl.constexpr,
-    BLOCK_KX: tl.constexpr,
-    BLOCK_KD: tl.constexpr,
-    PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
-    pi = tl.program_id(0).to(tl.int64)
-    pj = tl.program_id(1).to(tl.int64)
-    slot = pi * tl.num_programs(1) + pj
+    x_ptr, d_ptr, partials_ptr,
+    B, n_in, n_out,
+    stride_xb, stride_xk, stride_db, stride_dk,
+    chunk_x, chunk_d, n_chunks_d, scale,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    ONE_TILE: tl.constexpr,
+):  # fmt: skip
+    """Grid ``(n_b, n_b, n_chunks_x · n_chunks_d)``; ``scale·⟨X_c, D_e⟩`` of tile ``(pi, pj)`` per program."""
+    pi = tl.program_id(0)
+    pj = tl.program_id(1)
+    pc = tl.program_id(2)
+    slot = (pi.to(tl.int64) * tl.num_programs(1) + pj) * tl.num_programs(2) + pc
     if pj < pi:
         # The (pj, pi) tile carries this one, counted twice.
         tl.store(partials_ptr + slot, 0.0)
     else:
+        c = pc // n_chunks_d
+        e = pc % n_chunks_d
         rows_i = pi * BLOCK_B + tl.arange(0, BLOCK_B)
         rows_j = pj * BLOCK_B + tl.arange(0, BLOCK_B)
-        gx = _gram_tile(x_ptr, stride_xb, stride_xk, rows_i, rows_j, B, n_in, BLOCK_B, BLOCK_KX, PREC, UPCAST)
-        gd = _gram_tile(
-            d_ptr, stride_db, stride_dk, rows_i, rows_j, B, n_out, BLOCK_B, BLOCK_KD, PREC, UPCAST
-        )
-        weight = tl.where(pj > pi, 2.0, 1.0)
+        x_lo = c * chunk_x
+        gx = _gram_tile(x_ptr, stride_xb, stride_xk, rows_i, rows_j, B, x_lo, tl.minimum(x_lo + chunk_x, n_in),
+                        BLOCK_B, BLOCK_K, PREC, UPCAST, ONE_TILE)  # fmt: skip
+        d_lo = e * chunk_d
+        gd = _gram_tile(d_ptr, stride_db, stride_dk, rows_i, rows_j, B, d_lo, tl.minimum(d_lo + chunk_d, n_out),
+                        BLOCK_B, BLOCK_K, PREC, UPCAST, ONE_TILE)  # fmt: skip
+        weight = tl.where(pj > pi, 2.0, 1.0) * tl.cast(scale, tl.float32)
         tl.store(partials_ptr + slot, weight * tl.sum(gx * gd))
 
 
-def _block(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+def _block_b(batch: int) -> int:
+    return max(16, min(64, triton.next_power_of_2(max(batch, 1))))
+
+
+def _chunking(n: int) -> tuple[int, int]:
+    """``(chunk, n_chunks)``: chunks are multiples of the K block, at most ``_MAX_CHUNKS`` of them."""
+    chunk = max(_BLOCK_K, triton.cdiv(triton.cdiv(max(n, 1), _MAX_CHUNKS), _BLOCK_K) * _BLOCK_K)
+    return chunk, triton.cdiv(max(n, 1), chunk)
+
+
+def grad_norm_sq_partials_size(batch: int, n_in: int, n_out: int) -> int:
+    """Length of the partials vector :func:`grad_norm_sq_partials` writes for these sizes."""
+    n_b = triton.cdiv(max(batch, 1), _block_b(batch))
+    return n_b * n_b * _chunking(n_in)[1] * _chunking(n_out)[1]
+
+
+def _check(op: str, x: torch.Tensor, delta: torch.Tensor) -> None:
+    check_inputs(op, x, delta, ndims=(2, 2))
+    if x.shape[0] != delta.shape[0]:
+        raise ValueError(f"{op}: x has batch {x.shape[0]} but delta has batch {delta.shape[0]}")
+
+
+def grad_norm_sq_partials(
+    x: torch.Tensor, delta: torch.Tensor, alpha: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-program fp32 partials ``[P]`` of ``‖α·δᵀx‖²_F`` from one launch; their sum is ``‖G‖²``.
+
+    ``x`` is ``(B, n_in)``, ``delta`` ``(B, n_out)``, any strides and dtypes (fp32, bf16, fp16; the two
+    may differ). ``P = grad_norm_sq_partials_size(B, n_in, n_out)``; ``out``, when given, is an fp32
+    vector of that length, written in place (no allocation, for CUDA graphs). Partials may be
+    negative; clamp their sum at 0. CUDA tensors (or ``NUP_BACKEND=triton``) only.
+    """
+    _check("grad_norm_sq_partials", x, delta)
+    if not use_triton(x):
+        raise ValueError("grad_norm_sq_partials runs the Triton kernel: pass CUDA tensors (or set NUP_BACKEND=triton "
+                         "with TRITON_INTERPRET=1); on CPU use grad_norm_sq_gram")
+    batch, n_in = x.shape
+    n_out = delta.shape[1]
+    size = grad_norm_sq_partials_size(batch, n_in, n_out)
+    if out is None:
+        out = torch.empty(size, dtype=torch.float32, device=x.device)
+    elif out.dtype != torch.float32 or out.shape != (size,) or out.device != x.device:
+        raise ValueError(
+            f"grad_norm_sq_partials: out must be an fp32 vector of length {size} on {x.device}, "
+            f"got {out.dtype} {tuple(out.shape)} on {out.device}; use grad_norm_sq_partials_size()"
+        )
+    if batch == 0 or n_in == 0 or n_out == 0:
+        return out.zero_()
+    block_b = _block_b(batch)
+    n_b = triton.cdiv(batch, block_b)
+    (chunk_x, n_cx), (chunk_d, n_cd) = _chunking(n_in), _chunking(n_out)
+    _gram_norm_kernel[(n_b, n_b, n_cx * n_cd)](
+        x, delta, out,
+        batch, n_in, n_out,
+        x.stride(0), x.stride(1), delta.stride(0), delta.stride(1),
+        chunk_x, chunk_d, n_cd, float(alpha) ** 2,
+        BLOCK_B=block_b, BLOCK_K=_BLOCK_K, PREC=fp32_dot_precision(), UPCAST=interpreter_active(),
+        ONE_TILE=n_b == 1, num_warps=4,
+    )  # fmt: skip
+    return out
 
 
 def grad_norm_sq_gram(x: torch.Tensor, delta: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``‖α·δᵀx‖²_F`` for ``x`` ``(B, n_in)`` and ``delta`` ``(B, n_out)``; fp32 0-dim tensor.
+    """``‖α·δᵀx‖²_F`` for ``x`` ``(B, n_in)`` and ``delta`` ``(B, n_out)``; fp32 0-dim tensor, ≥ 0.
 
-    Any strides are accepted. CUDA tensors (or ``NUP_BACKEND=triton``) run the Triton kernel,
-    others ``reference.grad_norm_sq_gram``.
+    Any strides are accepted. CUDA tensors (or ``NUP_BACKEND=triton``) run the Triton kernel
+    (the clamped sum of :func:`grad_norm_sq_partials`), others ``reference.grad_norm_sq_gram``.
     """
-    check_inputs("grad_norm_sq_gram", x, delta, ndims=(2, 2))
-    if x.shape[0] != delta.shape[0]:
-        raise ValueError(
-            f"grad_norm_sq_gram: x has batch {x.shape[0]} but delta has batch {delta.shape[0]}"
-        )
+    _check("grad_norm_sq_gram", x, delta)
     if not use_triton(x):
         return reference.grad_norm_sq_gram(x, delta, alpha)
-    batch, n_in = x.shape
-    n_out = delta.shape[1]
-    if batch == 0:
-        return torch.zeros((), dtype=torch.float32, device=x.device)
-    block_b = _block(batch, 16, 64)
-    n_blocks = triton.cdiv(batch, block_b)
-    partials = torch.empty(n_blocks * n_blocks, dtype=torch.float32, device=x.device)
-    _gram_norm_kernel[(n_blocks, n_blocks)](
-        x,
-        delta,
-        partials,
-        batch,
-        n_in,
-        n_out,
-        x.stride(0),
-        x.stride(1),
-        delta.stride(0),
-        delta.stride(1),
-        BLOCK_B=block_b,
-        BLOCK_KX=_block(n_in, 16, 64),
-        BLOCK_KD=_block(n_out, 16, 64),
-        PREC=dot_precision(),
-        UPCAST=interpreter_active(),
-        num_warps=4,
-    )
-    return partials.sum() * (alpha * alpha)
+    return grad_norm_sq_partials(x, delta, alpha).sum().clamp_min_(0.0)
