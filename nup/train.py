@@ -59,7 +59,7 @@ class TrainConfig:
     activation: str = _opt("relu", "relu | abs | identity | tanh | gelu | silu | leaky_relu[:SLOPE] | "
                                    "linear_abs:A,B")
     parameterization: str = _opt("nup", "nup | sp | sp_inv_depth")
-    lr: float = _opt(0.4, "base learning rate η (> 0); the schedule multiplies it")
+    lr: float = _opt(0.2, "base learning rate η (> 0); the schedule multiplies it")
     schedule: str = _opt("geometry", f"lr multiplier schedule: {' | '.join(SCHEDULES)} "
                                      "(warmup*: 10%% of the steps of linear warm-up)")
     steps: int = _opt(500, "number of optimizer steps")
