@@ -404,7 +404,8 @@ def apply_update(
     """``W += coef·G`` and ``C += coef·G`` in place for a given ``coef``; return ``⟨ΔW, C_old⟩`` (fp32, 0-dim).
 
     ``G`` is ``grad`` (materialized kernel) or ``α·δᵀx`` (small-batch kernel, used when
-    ``grad`` is None). ``coef`` is a 1-element fp32 tensor, ``−η·s/‖G‖`` or 0 to skip. With
+    ``grad`` is None). ``coef`` is a 1-element fp32 tensor, ``−η·s/‖G‖`` (≤ 0) or 0 to skip; a positive
+    ``coef`` is a negative rate, which the kernels skip like a NaN one. With
     ``cumulative_is_init`` (fp32 weights only) ``cumulative`` holds ``P_0``, ``C_old = W − P_0``
     and the buffer is left untouched. Semantics are those of ``reference.apply_update``; the
     kernels are those of :func:`apply_normalized_update`, fed ``‖G‖ = 1`` and ``rates = (0, −coef)``.

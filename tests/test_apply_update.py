@@ -119,7 +119,7 @@ def test_non_contiguous_inputs_update_in_place():
     x, delta = torch.randn(34, 5).t()[:, ::2], torch.randn(5, 66)[:, ::2]  # (5, 17), (5, 33)
     assert not (w.is_contiguous() or c.is_contiguous() or x.is_contiguous() or delta.is_contiguous())
     grad = torch.randn(17, 33).t()
-    coef = torch.tensor(0.25)
+    coef = torch.tensor(-0.25)  # a descent coefficient (−η·s/‖G‖): a positive one reads as a bad rate and skips
     for update in ({"grad": grad}, {"x": x, "delta": delta, "alpha": ALPHA}):
         w_ref, c_ref = w.contiguous(), c.contiguous()
         ref = reference.apply_update(w_ref, c_ref, coef, **update)
