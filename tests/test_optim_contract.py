@@ -263,7 +263,7 @@ def test_repr_shows_the_base_and_the_schedule():
     text = repr(NuP(list(model.parameters()), lr=0.1, base=torch.optim.AdamW(model.parameters(), lr=1e-3),
                     schedule=nup.make_schedule("geometry")))
     assert text.startswith("NuP (")
-    assert "base: AdamW(lr=0.001)" in text and "schedule: GeometryAwareLR(" in text and "lr: 0.1" in text
+    assert "base: AdamW(lr=0.001)" in text and "schedule: RandomWalkLR(" in text and "lr: 0.1" in text
 
 
 # --- vectors in wrapper mode ----------------------------------------------------------------
