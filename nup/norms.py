@@ -58,3 +58,31 @@ def direction_norms(tensors: Sequence[torch.Tensor], host_readable: bool) -> tor
             if not lo < value < hi:  # 0, tiny, huge, inf or NaN: redo (0 and NaN stay what they are)
                 out[i] = _safe_norm(t)
     return out
+
+
+def representable(
+    directions: list[torch.Tensor], ok: torch.Tensor, coef: torch.Tensor, u: torch.Tensor, host: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Make ``coef·D`` computable in the apply's arithmetic (fp32, or float64 for float64 tensors).
+
+    A coefficient outside that arithmetic's normal range (``‖D‖`` below about 1e-38·u or above
+    about 1e38·u) is replaced, on CPU, by ``−u`` on the unit direction (written into
+    ``directions``); elsewhere (no host read without a sync) that tensor is skipped instead.
+    """
+    kinds = [torch.float64 if d.dtype == torch.float64 else torch.float32 for d in directions]
+    if len(set(kinds)) == 1:
+        tiny, huge = torch.finfo(kinds[0]).tiny, torch.finfo(kinds[0]).max
+    else:
+        tiny, huge = (torch.tensor([getattr(torch.finfo(k), a) for k in kinds], dtype=torch.float64,
+                                   device=coef.device) for a in ("tiny", "max"))
+    fits = (coef == 0) | ((coef.abs() >= tiny) & (coef.abs() <= huge))
+    if not host:
+        ok = ok & fits
+        return ok, torch.where(ok, coef, -0.0), torch.where(ok, u, 0.0)
+    if bool(fits.all()):
+        return ok, coef, u
+    coef = coef.clone()
+    for i in torch.nonzero(ok & ~fits).flatten().tolist():
+        directions[i] = unit_direction(directions[i])
+        coef[i] = -u[i]
+    return ok, coef, u

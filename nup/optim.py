@@ -31,11 +31,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from nup import param_groups as pg
 from nup import step_core as core
 from nup.distributed import _local, stat_reducer
 from nup.fused import attach_fused
-from nup.norms import direction_norms, unit_direction
-from nup.scales import Overrides, check_overrides, resolve_scale, tag_layouts
+from nup.norms import direction_norms, representable
+from nup.scales import Overrides, check_overrides, resolve_scale
 from nup.scales import default_scale as default_scale  # re-exported: nup.optim.default_scale
 from nup.schedule import ConstantSchedule, MultiplierSchedule
 from nup.step_core import GLOBAL_KEY as _GLOBAL
@@ -52,78 +53,9 @@ def _host_readable(t: torch.Tensor) -> bool:
     return t.device.type == "cpu"
 
 
-def _check_group_values(values: dict[str, Any]) -> None:
-    """ValueError for a group's lr, weight_decay, scale or normalize_vectors that no step can use."""
-    lr, scale, normalize = values.get("lr"), values.get("scale"), values.get("normalize_vectors", False)
-    if torch.is_tensor(lr):
-        _check_lr(lr)
-    elif isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr >= 0):
-        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
-    wd = values.get("weight_decay", 0.0)
-    if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not (math.isfinite(wd) and wd >= 0):
-        raise ValueError(f"weight_decay must be a finite number >= 0, got {wd!r}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                              or not (math.isfinite(scale) and scale > 0)):
-        raise ValueError(f"scale must be None or a finite number > 0, got {scale!r}")
-    if not isinstance(normalize, bool):
-        raise ValueError(f"normalize_vectors must be True or False, got {normalize!r}")
-
-
-def _kind(obj: Any) -> str:
-    """A schedule's name or the base optimizers' class names, as stored in checkpoints ("" for none)."""
-    if obj is None:
-        return ""
-    if isinstance(obj, (list, tuple)):
-        return ",".join(type(b).__name__ for b in obj)
-    return type(obj).__name__ if isinstance(obj, torch.optim.Optimizer) else str(obj.name)
-
-
-def _groups(params: Any, has_base: bool) -> list[dict[str, Any]]:
-    """Tensors, ``(name, tensor)`` pairs, group dicts or an ``nn.Module`` as torch-style groups.
-
-    Names stay as torch keeps them (``group['param_names']``). A module's parameters come named,
-    with their layouts recorded for :mod:`nup.scales`; without a base, a module that makes sparse
-    gradients is refused here.
-    """
-    if isinstance(params, nn.Module):
-        sparse = [n for n, m in params.named_modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
-        if sparse and not has_base:
-            raise ValueError(f"NuP: {sparse[0]!r} makes sparse gradients; νP-SGD cannot normalize them: pass "
-                             "base=torch.optim.SparseAdam(...) over its parameters, or use sparse=False")
-        params = tag_layouts(params).named_parameters()
-    params = list(params)
-    if not params:
-        raise ValueError("NuP got an empty parameter list (a generator of parameters can be used only once: "
-                         "pass list(model.parameters()) when a base optimizer needs them too)")
-    groups = params if isinstance(params[0], dict) else [{"params": params}]
-    return [{**g, "params": [g["params"]] if torch.is_tensor(g["params"]) else list(g["params"])} for g in groups]
-
-
 def _stored(grads: list[torch.Tensor]) -> list[torch.Tensor]:
     """The local (DTensor) dense storage of each gradient: a sparse gradient's stored values."""
     return [g._values() if g.is_sparse else g for g in _local(grads)]
-
-
-def _display_name(name: str) -> str:
-    """A parameter name without the ``_orig_mod.`` that ``torch.compile`` puts in its modules' names."""
-    return name.replace("_orig_mod.", "")
-
-
-def _check_lr(lr: Any) -> float | torch.Tensor:
-    if torch.is_tensor(lr):
-        if lr.numel() != 1 or not bool(torch.isfinite(lr).all()) or float(lr) < 0:
-            raise ValueError(f"a tensor lr must hold one finite number >= 0, got {lr!r}")
-        return lr
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
-        raise ValueError(f"lr must be a finite number >= 0 (or a one-element tensor), got {lr!r}")
-    return float(lr)
-
-
-def _describe(obj: Any) -> str:
-    """``Name(key=value, ...)`` from an object's public number and string attributes."""
-    fields = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in vars(obj).items()
-                       if not k.startswith("_") and isinstance(v, (int, float, str)) and not isinstance(v, bool))
-    return f"{type(obj).__name__}({fields})"
 
 
 class NuP(torch.optim.Optimizer):
@@ -171,13 +103,13 @@ class NuP(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         scales: Overrides | None = None,
     ) -> None:
-        _check_group_values(dict(lr=lr, scale=scale, normalize_vectors=normalize_vectors, weight_decay=weight_decay))
-        lr = _check_lr(lr)
+        pg.check_group_values(dict(lr=lr, scale=scale, normalize_vectors=normalize_vectors, weight_decay=weight_decay))
+        lr = pg.check_lr(lr)
         if cumulative not in CUMULATIVE_MODES:
             raise ValueError(f"cumulative must be one of {CUMULATIVE_MODES}, got {cumulative!r}")
         if isinstance(recompute_every, bool) or not isinstance(recompute_every, int) or recompute_every < 1:
             raise ValueError(f"recompute_every must be an integer >= 1, got {recompute_every!r}")
-        groups = _groups(params, base is not None)
+        groups = pg.groups(params, base is not None)
         bases = [] if base is None else [base] if isinstance(base, torch.optim.Optimizer) else list(base)
         momentum = {k: v for b in bases for k, v in b.defaults.items() if k in PASS_THROUGH}
         defaults = dict(lr=lr, scale=scale, normalize_vectors=normalize_vectors, weight_decay=float(weight_decay),
@@ -212,7 +144,8 @@ class NuP(torch.optim.Optimizer):
         names, i = [], 0
         for g in self.param_groups:
             given = g.get("param_names")
-            names += [_display_name(n) for n in given] if given else [f"param{i + j}" for j in range(len(g["params"]))]
+            count = len(g["params"])
+            names += [pg.display_name(n) for n in given] if given else [f"param{i + j}" for j in range(count)]
             i += len(g["params"])
         return names
 
@@ -234,7 +167,7 @@ class NuP(torch.optim.Optimizer):
         Tensors the base does not hold yet are added to it as one group (with this group's
         ``momentum``/``betas``); with several bases, add them to the right base first.
         """
-        _check_group_values({**self.defaults, **param_group})
+        pg.check_group_values({**self.defaults, **param_group})
         param_group = dict(param_group)
         items = param_group["params"]
         param_group["params"] = [items] if torch.is_tensor(items) else list(items)
@@ -587,7 +520,7 @@ class NuP(torch.optim.Optimizer):
             c_norm_old, exact = c_sq.sqrt(), None
         else:
             directions = list(directions)
-            ok, coef, u = _representable(directions, ok, coef, u, host)
+            ok, coef, u = representable(directions, ok, coef, u, host)
             c_norm_old = core.pick(g["c_norm"], idx)
             if _host_readable(ok) and not torch.compiler.is_compiling():
                 # eager CPU: coefficients are free to read; one loop per tensor updates P and C and
@@ -681,7 +614,7 @@ class NuP(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         g = self.state.setdefault(_GLOBAL, {"step": 0})
         g["schedule"] = self.schedule.state_dict()
-        g["schedule_kind"], g["base_kind"] = _kind(self.schedule), _kind(self.bases or None)
+        g["schedule_kind"], g["base_kind"] = pg.kind(self.schedule), pg.kind(self.bases or None)
         if self.bases:
             g["base"] = [b.state_dict() for b in self.bases] if len(self.bases) > 1 else self.bases[0].state_dict()
         sd = super().state_dict()
@@ -716,7 +649,7 @@ class NuP(torch.optim.Optimizer):
         """torch's group listing, with the base optimizer(s) and the schedule."""
         lines = super().__repr__().splitlines()
         bases = ", ".join(f"{type(b).__name__}(lr={b.defaults.get('lr')})" for b in self.bases) or "None (νP-SGD)"
-        extra = [f"base: {bases}", f"schedule: {_describe(self.schedule)}",
+        extra = [f"base: {bases}", f"schedule: {pg.describe(self.schedule)}",
                  f"tensors: {len(self._params())}, cumulative: {self.cumulative}, fused: {self.fused}"]
         return "\n".join([lines[0], *extra, *lines[1:]])
 
@@ -724,48 +657,21 @@ class NuP(torch.optim.Optimizer):
         """ValueError (before anything is loaded) for bad group values or a checkpoint of another kind of NuP."""
         for i, group in enumerate(groups):
             try:
-                _check_group_values({**self.defaults, **group})
+                pg.check_group_values({**self.defaults, **group})
             except ValueError as err:
                 raise ValueError(f"checkpoint: param group {i}: {err}") from None
         schedule = g.get("schedule_kind")
-        if schedule is not None and schedule != _kind(self.schedule):
-            raise ValueError(f"checkpoint: saved with schedule {schedule!r}, this NuP has {_kind(self.schedule)!r}; "
+        if schedule is not None and schedule != pg.kind(self.schedule):
+            raise ValueError(f"checkpoint: saved with schedule {schedule!r}, this NuP has {pg.kind(self.schedule)!r}; "
                              "build NuP with the schedule it was saved with")
         saved_base = g["base_kind"] if "base_kind" in g else "?" if "base" in g else ""  # "?": an older checkpoint
+        mine = pg.kind(self.bases or None)
         if saved_base and not self.bases:
             raise ValueError(f"checkpoint: saved with base optimizer {saved_base}, this NuP has none; "
                              f"pass base=torch.optim.{saved_base}(...) over the same parameters")
         if not saved_base and self.bases:
-            raise ValueError(f"checkpoint: saved without a base optimizer, this NuP wraps {_kind(self.bases or None)}; "
+            raise ValueError(f"checkpoint: saved without a base optimizer, this NuP wraps {mine}; "
                              "build NuP(..., base=None) to load it")
-        if saved_base not in ("", "?", _kind(self.bases or None)):
+        if saved_base not in ("", "?", mine):
             raise ValueError(f"checkpoint: saved with base optimizer {saved_base}, this NuP wraps "
-                             f"{_kind(self.bases or None)}; build NuP with the base it was saved with")
-
-
-def _representable(
-    directions: list[torch.Tensor], ok: torch.Tensor, coef: torch.Tensor, u: torch.Tensor, host: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Make ``coef·D`` computable in the apply's arithmetic (fp32, or float64 for float64 tensors).
-
-    A coefficient outside that arithmetic's normal range (``‖D‖`` below about 1e-38·u or above
-    about 1e38·u) is replaced, on CPU, by ``−u`` on the unit direction (written into
-    ``directions``); elsewhere (no host read without a sync) that tensor is skipped instead.
-    """
-    kinds = [torch.float64 if d.dtype == torch.float64 else torch.float32 for d in directions]
-    if len(set(kinds)) == 1:
-        tiny, huge = torch.finfo(kinds[0]).tiny, torch.finfo(kinds[0]).max
-    else:
-        tiny, huge = (torch.tensor([getattr(torch.finfo(k), a) for k in kinds], dtype=torch.float64,
-                                   device=coef.device) for a in ("tiny", "max"))
-    fits = (coef == 0) | ((coef.abs() >= tiny) & (coef.abs() <= huge))
-    if not host:
-        ok = ok & fits
-        return ok, torch.where(ok, coef, -0.0), torch.where(ok, u, 0.0)
-    if bool(fits.all()):
-        return ok, coef, u
-    coef = coef.clone()
-    for i in torch.nonzero(ok & ~fits).flatten().tolist():
-        directions[i] = unit_direction(directions[i])
-        coef[i] = -u[i]
-    return ok, coef, u
+                             f"{mine}; build NuP with the base it was saved with")
