@@ -336,15 +336,18 @@ class NuP(torch.optim.Optimizer):
         """
         cumulatives = [self._cumulative_buffer(p) for p in act_params]
         grads = [p.grad for p in act_params]
-        found = self._found_non_finite(grads)
         every = torch.ones(len(act_params), dtype=torch.bool, device=device)
-        if _host_readable(found) and not torch.compiler.is_compiling():
-            if bool(found):  # skip the base too; record every tensor as skipped
+        if self._rebase_ready(act_params, cumulatives, grads):  # CPU, fp32: snapshot and check in one pass
+            old = self._wrapper_scratch(act_params)
+            if cpu.snapshot_if_finite(old, [p.detach() for p in act_params], grads):
+                self._rebase_step(params, active, act_params, cumulatives, device, old)
+            else:  # skip the base too; record every tensor as skipped
                 self._normalized_step(params, active, act_params, grads, cumulatives, device, every)
-                return
-            if self.cumulative == "delta" and all(cpu.loop_ready(p, c) for p, c in zip(act_params, cumulatives)):
-                self._rebase_step(params, active, act_params, cumulatives, device)
-                return
+            return
+        found = self._found_non_finite(grads)
+        if _host_readable(found) and not torch.compiler.is_compiling() and bool(found):
+            self._normalized_step(params, active, act_params, grads, cumulatives, device, every)  # skip, as above
+            return
         for g in _stored(grads):  # the base's state stays finite (it may still step: see above)
             g.nan_to_num_(0.0, 0.0, 0.0)
         old = [p.detach().clone() for p in act_params]
@@ -354,14 +357,20 @@ class NuP(torch.optim.Optimizer):
             p.copy_(o)
         self._normalized_step(params, active, act_params, directions, cumulatives, device, every & found)
 
+    def _rebase_ready(self, params: list[torch.Tensor], cumulatives: list[torch.Tensor], grads: list) -> bool:
+        """True when :meth:`_rebase_step` takes this step: eager, delta mode, CPU fp32 dense tensors."""
+        return (
+            not torch.compiler.is_compiling() and self.cumulative == "delta"
+            and all(g is not None and not g.is_sparse for g in grads)
+            and all(cpu.loop_ready(p, c, g) for p, c, g in zip(params, cumulatives, grads))
+        )  # fmt: skip
+
     def _rebase_step(
         self, params: list[torch.Tensor], active: list[int], act_params: list[torch.Tensor],
-        cumulatives: list[torch.Tensor], device: torch.device,
+        cumulatives: list[torch.Tensor], device: torch.device, old: list[torch.Tensor],
     ) -> None:  # fmt: skip
-        """Wrapper mode on CPU, fp32: copy P into reused buffers, step the base, then per tensor
+        """Wrapper mode on CPU, fp32, after ``old`` took a copy of P: step the base, then per tensor
         ``‖old − P‖`` and one loop ``P = old + coef·D``, ``C += coef·D``, ``⟨D, C⟩`` (no clone, no sub)."""
-        old = self._wrapper_scratch(act_params)
-        torch._foreach_copy_(old, [p.detach() for p in act_params])
         self._base_step(None)
         d_sq = [cpu.dist_sq(o, p) for o, p in zip(old, act_params)]
         if any(v != 0.0 and not 1e-24 < v < 1e24 for v in d_sq):  # extreme but finite: the general path takes it
@@ -418,6 +427,8 @@ class NuP(torch.optim.Optimizer):
     def _found_non_finite(grads: list[torch.Tensor]) -> torch.Tensor:
         """0-dim bool: some gradient holds NaN or Inf (on DTensor shards: on any rank)."""
         local = _stored(grads)
+        if not torch.compiler.is_compiling() and all(_host_readable(g) and not hasattr(g, "to_local") for g in grads):
+            return torch.tensor(not cpu.all_finite(local))
         found = ~torch.stack([torch.isfinite(n) for n in torch._foreach_norm(local, math.inf)]).all()  # max|g|
         if any(g is not t for g, t in zip(grads, _local(grads))) and torch.distributed.is_initialized():
             flag = found.to(torch.float32)

@@ -48,6 +48,20 @@ float nup_update_dot(float *restrict w, float *restrict c, const float *restrict
     }
     return acc;
 }
+/* 1 when every entry is finite: x*0 is 0 for finite x, NaN for NaN and +-inf (no -ffast-math) */
+int nup_all_finite(const float *restrict x, int64_t n) {
+    float acc = 0.0f;
+    #pragma omp simd reduction(+:acc)
+    for (int64_t i = 0; i < n; ++i) acc += x[i] * 0.0f;
+    return acc == 0.0f;
+}
+/* dst = src, and 1 when every entry of g is finite (wrapper mode: the snapshot before the base steps) */
+int nup_snapshot_finite(float *restrict dst, const float *restrict src, const float *restrict g, int64_t n) {
+    float acc = 0.0f;
+    #pragma omp simd reduction(+:acc)
+    for (int64_t i = 0; i < n; ++i) { dst[i] = src[i]; acc += g[i] * 0.0f; }
+    return acc == 0.0f;
+}
 /* sum of (a - b)^2 */
 double nup_dist_sq(const float *restrict a, const float *restrict b, int64_t n) {
     double acc = 0.0;  /* double: the square of any finite fp32 difference fits */
@@ -98,9 +112,12 @@ def _loop_library() -> ctypes.CDLL | None:
         ("nup_update_dot", [ptr, ptr, ptr, n, f32, ctypes.c_int]),
         ("nup_dist_sq", [ptr, ptr, n]),
         ("nup_rebase_update", [ptr, ptr, ptr, n, f32]),
+        ("nup_all_finite", [ptr, n]),
+        ("nup_snapshot_finite", [ptr, ptr, ptr, n]),
     ):
         getattr(dll, name).restype, getattr(dll, name).argtypes = f32, args
     dll.nup_dist_sq.restype = ctypes.c_double
+    dll.nup_all_finite.restype = dll.nup_snapshot_finite.restype = ctypes.c_int
     return dll
 
 
@@ -133,6 +150,33 @@ def loop_ready(*tensors: torch.Tensor) -> bool:
     return plain and all(
         t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" for t in tensors
     ) and loop_available()
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """True when no tensor holds NaN or ±Inf: one read of each, nothing written (fp32 tensors take the
+    compiled loop, which streams at copy speed; ``torch``'s max-norm is several times slower on CPU)."""
+    lib = _loop_library() if loop_available() else None
+    for t in tensors:
+        if lib is not None and loop_ready(t):
+            if not lib.nup_all_finite(t.data_ptr(), t.numel()):
+                return False
+        elif not bool(torch.isfinite(t).all()):
+            return False
+    return True
+
+
+def snapshot_if_finite(dst: list[torch.Tensor], src: list[torch.Tensor], grads: list[torch.Tensor]) -> bool:
+    """Copy each ``src`` into ``dst`` and return True when no gradient holds NaN or ±Inf: one pass
+    per tensor (the copy and the check share it). Tensors the loop does not take use torch."""
+    finite = True
+    lib = _loop_library() if loop_available() else None
+    for d, s, g in zip(dst, src, grads, strict=True):
+        if lib is not None and loop_ready(d, s, g):
+            finite &= bool(lib.nup_snapshot_finite(d.data_ptr(), s.data_ptr(), g.data_ptr(), d.numel()))
+        else:
+            d.copy_(s)
+            finite &= all_finite([g])
+    return finite
 
 
 def dist_sq(a: torch.Tensor, b: torch.Tensor) -> float:

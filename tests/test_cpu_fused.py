@@ -110,3 +110,33 @@ def test_cpu_fused_step_equals_drop_in(loop, kw, monkeypatch):
     va, vb = a.stat_vectors(), b.stat_vectors()
     for key in ("update_norm", "cos", "c_norm", "coherence", "skipped"):
         torch.testing.assert_close(va[key], vb[key], rtol=2e-4, atol=2e-5, msg=key)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_grad_norm_from_the_grams_equals_the_norm_of_the_materialized_grad(dtype):
+    from nup.fused import _grad_norm_sq
+
+    x, delta, alpha = torch.randn(5, 7), torch.randn(5, 6), 0.3
+    g = delta.t() @ x  # G/α
+    by_read = _grad_norm_sq(x, delta, alpha, g, alpha, False, dtype)
+    assert _grad_norm_sq(x, delta, alpha, g, alpha, True, dtype) == pytest.approx(by_read, rel=1e-5)
+    assert by_read == pytest.approx(float((alpha * g.double()).square().sum()), rel=1e-5)
+
+
+def test_the_grams_are_chosen_only_where_they_beat_a_read_of_g():
+    from nup.fused import grams_beat_a_read
+
+    assert grams_beat_a_read(32, 841, 900)  # G of 3 MB, out of cache: two 32×32 Grams are cheaper
+    assert not grams_beat_a_read(32, 441, 484)  # G still in cache: its read is cheaper
+    assert not grams_beat_a_read(256, 841, 900)  # large batch: the Grams cost more than the read
+
+
+@pytest.mark.parametrize("bad", [None, math.nan, math.inf, -math.inf])
+def test_snapshot_copies_and_reports_a_non_finite_gradient(loop, bad):
+    src, grads = [torch.randn(17, 33), torch.randn(5)], [torch.randn(17, 33), torch.full((5,), 3e38)]
+    if bad is not None:
+        grads[0][16, 32] = bad
+    dst = [torch.empty_like(s) for s in src]
+    assert cpu.snapshot_if_finite(dst, src, grads) is (bad is None)
+    assert all(torch.equal(d, s) for d, s in zip(dst, src))
+    assert cpu.all_finite(grads) is (bad is None)

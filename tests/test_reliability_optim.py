@@ -346,3 +346,27 @@ def test_dcp_init_step_on_fsdp2_shards_is_not_counted(tmp_path):
         assert len(state["state"]) == 3  # a cumulative buffer per tensor
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("value", [1e19, 1e30, 1e-23, 1e-30])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_fused_cpu_step_does_not_care_about_the_gradients_scale(value, bias, monkeypatch):
+    """The fused CPU path (BLAS + one loop): a loss scaled by ``value`` scales every G by it; the normalized
+    step, the statistics and the skip count are those of the unscaled loss."""
+    monkeypatch.setenv("NUP_BACKEND", "reference")
+    x, y = torch.randn(16, 8, generator=torch.Generator().manual_seed(1)), torch.arange(16) % 3
+
+    def one_step(scale: float) -> tuple[list[torch.Tensor], dict]:
+        torch.manual_seed(0)
+        model = NuMLP(8, 3, 3, 2, bias=bias, **({"activation": "tanh", "sigma_b2": 0.3} if bias else {}))
+        opt = NuP(model.named_parameters(), lr=0.1, fused=True)
+        (scale * torch.nn.functional.cross_entropy(model(x), y)).backward()
+        opt.step()
+        return [p.detach().clone() for p in model.parameters()], opt.stat_vectors()
+
+    ref, ref_stats = one_step(1.0)
+    got, stats = one_step(value)
+    assert stats["skipped"].sum().item() == 0
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats["update_norm"], ref_stats["update_norm"], rtol=1e-5, atol=0)
