@@ -1,13 +1,13 @@
 """Train a νP MLP and write metrics.jsonl, summary.json and PNG plots to an output directory.
 
-The default run trains a depth-4 MLP with quadratic widths 16·k² on the UCI handwritten
-digits bundled with scikit-learn, with the geometry-aware learning-rate schedule (the
-random-walk test, :class:`nup.schedule.RandomWalkLR`) at base lr 0.4, in seconds on one CPU
-core. metrics.jsonl holds one JSON object per step: the minibatch loss and accuracy, the lr
-multiplier λ applied at that step (mean over layers) and, per layer in the order of
-summary.json's "names", the effective lr, cos(new update, cumulative update), the update norm
-and ‖C‖ = ‖P − P₀‖; eval steps add the test loss and accuracy. summary.json is
-written last: its presence marks a finished run.
+The default run trains a depth-4 MLP with offset quadratic widths 16·(k + 2)² (SPEC §2: 144,
+256, 400) on the UCI handwritten digits bundled with scikit-learn, 500 steps of batch 256, with
+the geometry-aware learning-rate schedule (the random-walk test,
+:class:`nup.schedule.RandomWalkLR`) at base lr 0.2, in seconds on one CPU core.
+metrics.jsonl holds one JSON object per step: the minibatch loss and accuracy, the lr multiplier λ
+applied at that step (mean over layers) and, per layer in the order of summary.json's "names", the
+effective lr, cos(new update, cumulative update), the update norm and ‖C‖ = ‖P − P₀‖; eval steps add
+the test loss and accuracy. summary.json is written last: its presence marks a finished run.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class TrainConfig:
     depth: int = _opt(4, "number of weight layers L (>= 2)")
     m: int = _opt(16, "width multiplier: hidden widths m·k² (quadratic), m·k (linear) or m (constant)")
     width_schedule: str | None = _opt(None, "quadratic | linear | constant; unset: the parameterization's own")
-    width_offset: int = _opt(0, "k0 >= 0: hidden widths follow the schedule at k + k0 (m·(k + k0)² under quadratic)")
+    width_offset: int = _opt(2, "k0 >= 0: hidden widths follow the schedule at k + k0 (m·(k + k0)² under quadratic)")
     depth_normalizer: str = _opt("none", "none | harmonic (hidden update scales divided by T_hidden(L) = "
                                          "Σ_{k=2}^{L-1} ρ_k: the hidden block moves like one layer at any depth)")
     activation: str = _opt("relu", "relu | abs | identity | tanh | gelu | silu | leaky_relu[:SLOPE] | "
@@ -63,7 +63,7 @@ class TrainConfig:
     schedule: str = _opt("geometry", f"lr multiplier schedule: {' | '.join(SCHEDULES)} "
                                      "(warmup*: 10%% of the steps of linear warm-up)")
     steps: int = _opt(500, "number of optimizer steps")
-    batch_size: int = _opt(128, "minibatch size (sampled without replacement within each epoch)")
+    batch_size: int = _opt(256, "minibatch size (sampled without replacement within each epoch)")
     seed: int = _opt(0, "seed of the initialization and the batch order (the data and split are fixed)")
     device: str = _opt("cpu", "torch device: cpu, cuda, cuda:1, ...")
     max_width: int | None = _opt(None, "cap on every hidden width (a capped run says so in summary.json)")

@@ -69,7 +69,7 @@ def test_train_config_refuses_boolean_lr_and_string_flags():
 # ---- failure 6: the width limit, before any run -----------------------------------------------
 def test_sweep_dry_run_checks_the_width_limit(tmp_path, capsys):
     cfg = tmp_path / "cfg.toml"
-    cfg.write_text("[base]\ndepth = 3\n[grid]\nm = [2, 100000]\n")
+    cfg.write_text("[base]\ndepth = 3\nwidth_offset = 0\n[grid]\nm = [2, 100000]\n")
     with pytest.raises(ValueError, match=r"m=100000: hidden width 400000 exceeds 65536; set max_width"):
         nsweep.main(_sweep_args(cfg, tmp_path / "out", "--dry-run"))
     assert not (tmp_path / "out").exists()

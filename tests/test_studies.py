@@ -236,6 +236,17 @@ def test_index_links_every_study(quick):
         assert f"[{name}]({name}/README.md): " in text
 
 
+def test_index_also_links_a_committed_sweep_and_skips_other_folders(tmp_path):
+    from nup.studies import write_index
+
+    (tmp_path / "main_job").mkdir()
+    (tmp_path / "main_job" / "sweep.json").write_text("{}")
+    (tmp_path / "main_job" / "README.md").write_text("# sweep")
+    (tmp_path / "scratch").mkdir()  # neither a study nor a sweep
+    text = write_index(tmp_path).read_text(encoding="utf-8")
+    assert "[main_job](main_job/README.md): a `nup sweep`" in text and "scratch" not in text
+
+
 def test_unknown_study_is_a_one_line_error(capsys):
     assert main(["study", "nonsense"]) == 2
     err = capsys.readouterr().err.strip()

@@ -55,7 +55,7 @@ def test_summary_json(tiny_run):
     assert math.isfinite(summary["train_loss"]) and math.isfinite(summary["test_loss"])
     assert summary["test_acc"] > 0.2  # 20 steps already beat chance (0.1) on the digits
     assert summary["status"] == "ok" and summary["steps_done"] == 20
-    assert summary["widths"] == [64, 2, 8, 10] and summary["widths_capped"] is False
+    assert summary["widths"] == [64, 18, 32, 10] and summary["widths_capped"] is False  # 2·(k + 2)², the default offset
     assert len(summary["names"]) == 3
     assert summary["config"] == dataclasses.asdict(config)
     assert summary["versions"]["python"] and summary["versions"]["torch"]
@@ -83,7 +83,7 @@ def test_rerun_drops_the_stale_finished_mark(tmp_path):
 
 
 def test_capped_widths_are_reported(tmp_path):
-    config = TrainConfig(data="teacher", depth=3, m=2, max_width=4, steps=2)
+    config = TrainConfig(data="teacher", depth=3, m=2, width_offset=0, max_width=4, steps=2)
     summary = run_training(config, tmp_path, progress=False)
     assert summary["widths"] == [32, 2, 4, 10] and summary["widths_capped"] is True
 

@@ -185,6 +185,9 @@ def write_index(root: str | Path) -> Path:
             env = results["environment"]
             lines.append(f"- [{name}]({name}/README.md): {_module(name).summary_line(results)} "
                          f"({env['wall_time_s']:.0f} s on {env['device']}, {env['torch_threads']} thread(s))")
+    for sweep in sorted(d for d in root.iterdir() if (d / "sweep.json").is_file() and (d / "README.md").is_file()):
+        lines.append(f"- [{sweep.name}]({sweep.name}/README.md): a `nup sweep`, not a study; the command that "
+                     "remakes it is in its README")
     out = root / "README.md"
     write_text_atomic(out, "\n".join(lines) + "\n")
     return out
