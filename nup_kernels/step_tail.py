@@ -17,8 +17,9 @@ last one wrote. :func:`finish_from_norms` is the fused path's form: it also form
 partials, so ``opt.step()`` of a fused NuMLP is this one launch.
 
 The formulas are those of ``nup.step_core.finish_step`` and ``nup.schedule`` (the torch path and
-the oracle), in the same fp32 operations and order: IEEE-rounded division and square root, NaN
-kept by every clamp as torch keeps it, global sums over tensors in a fixed order (deterministic,
+the oracle), in the same fp32 operations and order: IEEE-rounded division and square root (formed
+without their slow-path calls, around which ptxas spills registers), NaN kept by every clamp as
+torch keeps it, global sums over tensors in a fixed order (deterministic,
 equal to torch's up to fp32 rounding), the clock and the warm-up/cosine value in float64. The
 kernel does not know the ``nup`` classes: a schedule describes itself as a :class:`Controller`.
 
@@ -97,17 +98,63 @@ class Controller:
 
 
 @triton.jit
+def _range_scale(x):
+    """A power of two that brings a finite non-zero ``|x|`` into fp32's comfortable range (exact)."""
+    ax = tl.abs(x)
+    tiny = ax < 7.888609052210118e-31  # 2^-100
+    huge = ax > 1.2676506002282294e30  # 2^100
+    return tl.where(tiny, 1.8446744073709552e19, tl.where(huge, 5.421010862427522e-20, 1.0))  # 2^64, 2^-64
+
+
+@triton.jit
+def _div(x, y):
+    """fp32 ``x / y`` rounded as IEEE (``div.rn``), without the IEEE division's slow-path call.
+
+    The reciprocal is the fast fp32 one refined twice by Newton in float64 (error about 2^-52); the
+    float64 quotient rounded to fp32 is then the correctly rounded one, since a quotient of two fp32
+    numbers is never within 2^-49 (relative) of a rounding midpoint. Zero, infinite and NaN
+    divisors take the exact reciprocal (``inf``, ``0``, NaN), so ``x·(1/y)`` gives IEEE's specials.
+    (ptxas spills registers around the slow-path call of ``div.rn.f32``/``f64`` in a loop.)
+    """
+    finite = (y == y) & (tl.abs(y) < float("inf")) & (y != 0.0)
+    scale = tl.where(finite, _range_scale(y), 1.0)
+    ys = (y * scale).to(tl.float64)
+    seed = (1.0 / (y * scale)).to(tl.float64)  # the fast fp32 reciprocal: ±inf, ±0, NaN for the specials
+    r = seed * (2.0 - ys * seed)
+    r = r * (2.0 - ys * r)
+    r = tl.where(finite, r * scale.to(tl.float64), seed)
+    return (x.to(tl.float64) * r).to(tl.float32)
+
+
+@triton.jit
+def _sqrt(x):
+    """fp32 IEEE ``sqrt`` (``sqrt.rn``) of ``x ≥ 0``, NaN or ``-0.0``, without a slow-path call: the fast
+    reciprocal square root refined twice by Newton in float64, as in :func:`_div` (a square root of
+    an fp32 number is never within 2^-49 of a midpoint either). 0, ``inf`` and NaN return themselves."""
+    plain = (x != x) | (x == 0.0) | (x == float("inf"))
+    small = x < 7.888609052210118e-31  # subnormal and tiny: scaled by 2^64, the root back by 2^-32
+    xs = tl.where(plain, 1.0, tl.where(small, x * 1.8446744073709552e19, x))
+    y = tl.rsqrt(xs).to(tl.float64)
+    x64 = xs.to(tl.float64)
+    y = y * (1.5 - 0.5 * x64 * y * y)
+    y = y * (1.5 - 0.5 * x64 * y * y)
+    root = x64 * y * tl.where(small, 2.3283064365386963e-10, 1.0).to(tl.float64)
+    return tl.where(plain, x, root.to(tl.float32))
+
+
+@triton.jit
 def _clamp(x, lo, hi):
     """``torch.clamp``: NaN stays NaN (``tl.minimum``/``tl.maximum`` may drop it on a GPU)."""
     return tl.where(x != x, x, tl.minimum(tl.maximum(x, lo), hi))
 
 
 @triton.jit
-def _position(idx, i, k, search_steps, mask):
-    """Where tensor ``i`` sits in the ascending ``idx[:k]`` (lower bound), and whether it is there."""
+def _position(idx, i, k, mask, STEPS: tl.constexpr):
+    """Where tensor ``i`` sits in the ascending ``idx[:k]`` (lower bound, ``STEPS ≥ log2(k+1)`` halvings),
+    and whether it is there."""
     lo = tl.zeros_like(i)
     hi = lo + k
-    for _ in range(search_steps):
+    for _ in tl.static_range(STEPS):  # unrolled: a loop bound held across the block loop would be spilled
         go = mask & (lo < hi)
         mid = (lo + hi) // 2
         below = tl.load(idx + mid, mask=go, other=0) < i
@@ -141,18 +188,28 @@ def _row_sums(dot, i, mask, n_slots, dot_stride, BLOCK: tl.constexpr, BLOCK_S: t
 
 
 @triton.jit
-def _log_step(lam, i, mask, active, signal, gain, max_change, min_mult, max_mult, warm):
-    """``λ ← clip(λ·exp(clip(gain·s, ±max_change)), min, max)`` where active; 1 during the warm-up."""
+def _clock(clock, any_moved, HAS_CLOCK: tl.constexpr):
+    """The clock of the new λ (float64): read again where it is needed, so that nothing float64 stays live
+    across the block loops (ptxas spills it around the IEEE division's slow-path call)."""
+    if HAS_CLOCK:
+        t = tl.load(clock) + any_moved.to(tl.float64)
+    else:
+        t = tl.cast(0.0, tl.float64)
+    return t
+
+
+@triton.jit
+def _log_step(lam, i, mask, active, signal, gain, max_change, min_mult, max_mult):
+    """``λ ← clip(λ·exp(clip(gain·s, ±max_change)), min, max)`` where active (the warm-up is the caller's)."""
     factor = tl.exp(_clamp(gain * signal, -max_change, max_change))
     old = tl.load(lam + i, mask=mask, other=1.0)
-    new = tl.where(active, _clamp(old * factor, min_mult, max_mult), old)
-    tl.store(lam + i, tl.where(warm, 1.0, new), mask=mask)
+    return tl.where(active, _clamp(old * factor, min_mult, max_mult), old)
 
 
 @triton.jit
 def _step_tail_kernel(
     update_norm, cos, c_norm, path, lr, skipped,  # the [n] statistics, written in place
-    idx, k, search_steps,  # HAS_IDX: the ascending [k] tensors that took part
+    idx, k,  # HAS_IDX: the ascending [k] tensors that took part
     eta, ok, u, dot, c_old,  # [k] (FROM_NORMS: eta [n]; ok, u, c_old unused)
     scales, normalize, d_norm, n_slots, dot_stride,  # FROM_NORMS: [n], and dot is [n, n_slots]
     exact,  # HAS_EXACT: ‖C_{t+1}‖ [k], read from C
@@ -160,42 +217,23 @@ def _step_tail_kernel(
     n, max_step, gain, max_change, min_mult, max_mult, warmup, beta, one_minus_beta, target, total_steps, peak,
     HAS_IDX: tl.constexpr, FROM_NORMS: tl.constexpr, HAS_EXACT: tl.constexpr, CONTROLLER: tl.constexpr,
     PER_LAYER: tl.constexpr, HAS_CLOCK: tl.constexpr, HAS_TOTAL: tl.constexpr, SECOND_PASS: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
-    """One program: (0) whether any tensor moved (the clock, global activity), (1) per tensor the
-    cosine, ``‖C‖``, the records and per-layer controllers, with the sums global controllers pool,
-    (2) global controllers and the clock-driven schedules. No pass reads what another wrote."""
+    """One program, two passes over blocks of tensors: (1) per tensor the cosine, ``‖C‖``, the records
+    and per-layer controllers, with whether any tensor moved and the sums global controllers pool;
+    (2) global controllers, the clock-driven schedules and the warm-up's λ = 1. Values that would
+    live across a pass are read again instead (ptxas spills them)."""
     arange = tl.arange(0, BLOCK).to(tl.int64)
     warm_cut = tl.cast(warmup, tl.float64)  # ints equal to 1 arrive as constexprs: tl.cast takes both
-    # (0) any moved: over the k tensors that took part
-    moved_any = tl.zeros((BLOCK,), dtype=tl.int32)
-    if HAS_CLOCK:
-        for start in range(0, k, BLOCK):
-            jo = start + arange
-            mj = jo < k
-            if FROM_NORMS:
-                if HAS_IDX:
-                    i = tl.load(idx + jo, mask=mj, other=0)
-                else:
-                    i = jo
-                okj, _, _ = _step(d_norm, eta, scales, normalize, i, mj, max_step)
-            else:
-                okj = mj & (tl.load(ok + jo, mask=mj, other=0) != 0)
-            moved_any = tl.maximum(moved_any, okj.to(tl.int32))
-    any_moved = tl.max(moved_any, axis=0) > 0
-    if HAS_CLOCK:
-        t = tl.load(clock) + any_moved.to(tl.float64)  # the clock of the new λ
-    else:
-        t = tl.cast(0.0, tl.float64)
-    warm = t < warm_cut
     # (1) per tensor
+    moved_any = tl.zeros((BLOCK,), dtype=tl.int32)
     pool_a = tl.zeros((BLOCK,), dtype=tl.float32)  # random walk: Σ 2u‖C‖cos; cosine: Σ u
     pool_b = tl.zeros((BLOCK,), dtype=tl.float32)  # random walk: Σ u²; cosine: Σ u·cos
     for start in range(0, n, BLOCK):
         i = start + arange
         in_n = i < n
         if HAS_IDX:
-            j, member = _position(idx, i, k, search_steps, in_n)
+            j, member = _position(idx, i, k, in_n, SEARCH_STEPS)
         else:
             j, member = i, in_n
         if FROM_NORMS:
@@ -208,14 +246,15 @@ def _step_tail_kernel(
             e = tl.load(eta + j, mask=member, other=0.0)
             dt = tl.load(dot + j, mask=member, other=0.0)
             c0 = tl.load(c_old + j, mask=member, other=0.0)
+        moved_any = tl.maximum(moved_any, moved.to(tl.int32))
         denom = step * c0
         pos = denom > 0
-        cs = _clamp(tl.where(pos, tl.div_rn(dt, tl.where(pos, denom, 1.0)), 0.0), -1.0, 1.0)
+        cs = _clamp(tl.where(pos, _div(dt, tl.where(pos, denom, 1.0)), 0.0), -1.0, 1.0)
         if HAS_EXACT:
             c1 = tl.load(exact + j, mask=member, other=0.0)
         else:
             sq = 2.0 * dt + c0 * c0 + step * step
-            c1 = tl.sqrt_rn(tl.where(sq < 0.0, 0.0, sq))  # clamp_min(0): NaN stays NaN
+            c1 = _sqrt(tl.where(sq < 0.0, 0.0, sq))  # clamp_min(0): NaN stays NaN
         if HAS_IDX:  # the tensors outside idx did not move: u = cos = 0, the rest kept
             if FROM_NORMS:
                 c_keep = c0
@@ -245,8 +284,9 @@ def _step_tail_kernel(
                 ema_n = tl.where(moved, beta * ema_n + one_minus_beta * noise, ema_n)
                 tl.store(s1 + i, ema_x, mask=in_n)
                 tl.store(s2 + i, ema_n, mask=in_n)
-                signal = tl.where(ema_n > 0, tl.div_rn(ema_x, tl.maximum(ema_n, 1e-30)), 0.0)
-                _log_step(lam, i, in_n, moved, signal, gain, max_change, min_mult, max_mult, warm)
+                signal = tl.where(ema_n > 0, _div(ema_x, tl.maximum(ema_n, 1e-30)), 0.0)
+                new = _log_step(lam, i, in_n, moved, signal, gain, max_change, min_mult, max_mult)
+                tl.store(lam + i, new, mask=in_n)
             else:
                 pool_a += tl.where(in_n, excess, 0.0)
                 pool_b += tl.where(in_n, noise, 0.0)
@@ -255,50 +295,62 @@ def _step_tail_kernel(
                 ema = tl.load(s0 + i, mask=in_n, other=0.0)
                 ema = tl.where(moved, beta * ema + one_minus_beta * cos_now, ema)
                 tl.store(s0 + i, ema, mask=in_n)
-                _log_step(lam, i, in_n, moved, ema - target, gain, max_change, min_mult, max_mult, warm)
+                new = _log_step(lam, i, in_n, moved, ema - target, gain, max_change, min_mult, max_mult)
+                tl.store(lam + i, new, mask=in_n)
             else:
                 pool_a += tl.where(in_n, u_now, 0.0)
                 pool_b += tl.where(in_n, u_now * cos_now, 0.0)
-    # (2) global controllers, and the schedules that follow the clock
-    sum_a = tl.sum(pool_a, axis=0)
-    sum_b = tl.sum(pool_b, axis=0)
-    if CONTROLLER == 2:
-        mean_cos = tl.where(sum_a > 0, tl.div_rn(sum_b, tl.maximum(sum_a, 1e-30)), 0.0)
-    if CONTROLLER == 3:  # warm-up, then cosine decay, in float64
-        if HAS_TOTAL:
-            span = tl.cast(total_steps, tl.float64) - warm_cut
-            frac = _clamp((t - warm_cut) / span, 0.0, 1.0)
-        else:
-            frac = tl.cast(0.0, tl.float64)
-        pi = tl.full((), 3.141592653589793, tl.float64)
-        low = tl.cast(min_mult, tl.float64)
-        decay = low + (1.0 - low) * 0.5 * (1.0 + tl.cos(pi * frac))
-        ramp = (t + 1.0) / tl.maximum(warm_cut, 1.0)
-        value = (tl.cast(peak, tl.float64) * tl.where(warm, ramp, decay)).to(tl.float32)
-    if CONTROLLER == 4:  # replay
-        pick = tl.minimum(t, tl.cast(n_values, tl.float64) - 1.0).to(tl.int64)
-        value = tl.load(values + pick)
+    # (2) global controllers, the schedules that follow the clock, the warm-up
     if SECOND_PASS:
+        sum_a = tl.sum(pool_a, axis=0)
+        sum_b = tl.sum(pool_b, axis=0)
+        if CONTROLLER == 2:
+            mean_cos = tl.where(sum_a > 0, _div(sum_b, tl.maximum(sum_a, 1e-30)), 0.0)
+        tl.debug_barrier()  # per layer: pass 1's λ is written before the warm-up's
         for start in range(0, n, BLOCK):
             i = start + arange
             in_n = i < n
-            if CONTROLLER == 1:
+            any_moved = tl.max(moved_any, axis=0) > 0
+            t = _clock(clock, any_moved, HAS_CLOCK)  # the clock of the new λ (read again: see above)
+            warm = t < warm_cut
+            if CONTROLLER == 1 or CONTROLLER == 2:
+                if PER_LAYER:
+                    held = tl.where(warm, 1.0, tl.load(lam + i, mask=in_n, other=1.0))
+                    tl.store(lam + i, held, mask=in_n)
+            if CONTROLLER == 1 and not PER_LAYER:
                 ema_x = tl.load(s1 + i, mask=in_n, other=0.0)
                 ema_n = tl.load(s2 + i, mask=in_n, other=0.0)
                 ema_x = tl.where(any_moved, beta * ema_x + one_minus_beta * sum_a, ema_x)
                 ema_n = tl.where(any_moved, beta * ema_n + one_minus_beta * sum_b, ema_n)
                 tl.store(s1 + i, ema_x, mask=in_n)
                 tl.store(s2 + i, ema_n, mask=in_n)
-                signal = tl.where(ema_n > 0, tl.div_rn(ema_x, tl.maximum(ema_n, 1e-30)), 0.0)
-                _log_step(lam, i, in_n, any_moved, signal, gain, max_change, min_mult, max_mult, warm)
-            if CONTROLLER == 2:
+                signal = tl.where(ema_n > 0, _div(ema_x, tl.maximum(ema_n, 1e-30)), 0.0)
+                new = _log_step(lam, i, in_n, any_moved, signal, gain, max_change, min_mult, max_mult)
+                tl.store(lam + i, tl.where(warm, 1.0, new), mask=in_n)
+            if CONTROLLER == 2 and not PER_LAYER:
                 ema = tl.load(s0 + i, mask=in_n, other=0.0)
                 ema = tl.where(any_moved, beta * ema + one_minus_beta * mean_cos, ema)
                 tl.store(s0 + i, ema, mask=in_n)
-                _log_step(lam, i, in_n, any_moved, ema - target, gain, max_change, min_mult, max_mult, warm)
-            if CONTROLLER >= 3:
+                new = _log_step(lam, i, in_n, any_moved, ema - target, gain, max_change, min_mult, max_mult)
+                tl.store(lam + i, tl.where(warm, 1.0, new), mask=in_n)
+            if CONTROLLER == 3:  # warm-up, then cosine decay, in float64
+                if HAS_TOTAL:
+                    span = tl.cast(total_steps, tl.float64) - warm_cut
+                    frac = _clamp((t - warm_cut) / span, 0.0, 1.0)
+                else:
+                    frac = tl.cast(0.0, tl.float64)
+                pi = tl.full((), 3.141592653589793, tl.float64)
+                low = tl.cast(min_mult, tl.float64)
+                decay = low + (1.0 - low) * 0.5 * (1.0 + tl.cos(pi * frac))
+                ramp = (t + 1.0) / tl.maximum(warm_cut, 1.0)
+                value = (tl.cast(peak, tl.float64) * tl.where(warm, ramp, decay)).to(tl.float32)
                 tl.store(lam + i, tl.zeros((BLOCK,), dtype=tl.float32) + value, mask=in_n)
+            if CONTROLLER == 4:  # replay
+                pick = tl.minimum(t, tl.cast(n_values, tl.float64) - 1.0).to(tl.int64)
+                tl.store(lam + i, tl.zeros((BLOCK,), dtype=tl.float32) + tl.load(values + pick), mask=in_n)
     if HAS_CLOCK:
+        t = _clock(clock, tl.max(moved_any, axis=0) > 0, HAS_CLOCK)
+        tl.debug_barrier()  # every thread has read the old clock (one program: a block-wide barrier)
         tl.store(clock, t)
 
 
@@ -315,11 +367,13 @@ def _check_stats(stats: Mapping[str, torch.Tensor]) -> tuple[int, torch.device]:
     return n, device
 
 
-def _vector(name: str, v: torch.Tensor, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    if v.numel() != length or v.dtype != dtype or v.device != device:
-        raise ValueError(f"step_tail: {name} must be {dtype} [{length}] on {device}, got {v.dtype} "
-                         f"{tuple(v.shape)} on {v.device}")  # fmt: skip
-    return v.reshape(-1).contiguous()  # a view for the usual contiguous vector: no copy, no launch
+def _vector(name: str, v: torch.Tensor, length: int, dtype: torch.dtype, device: torch.device,
+            written: bool = False) -> torch.Tensor:  # fmt: skip
+    """``v`` as a flat vector the kernel can address: checked, never copied when the kernel writes it."""
+    if v.numel() != length or v.dtype != dtype or v.device != device or (written and not v.is_contiguous()):
+        raise ValueError(f"step_tail: {name} must be {'a contiguous ' if written else ''}{dtype} [{length}] on "
+                         f"{device}, got {v.dtype} {tuple(v.shape)} on {v.device}")  # fmt: skip
+    return v.reshape(-1).contiguous()  # a view of the usual contiguous vector: no copy, no launch
 
 
 def _controller_args(controller: Controller | None, n: int, device: torch.device) -> tuple[list, list, dict]:
@@ -327,8 +381,9 @@ def _controller_args(controller: Controller | None, n: int, device: torch.device
     if controller is None:
         flags = dict(CONTROLLER=_NONE, PER_LAYER=False, HAS_CLOCK=False, HAS_TOTAL=False, SECOND_PASS=False)
         return [None] * 6 + [0], [0.0, 0.0, 0.0, 0.0, 0, 0.0, 0.0, 0.0, 0, 1.0], flags
-    lam = _vector("λ", controller.lam, n, torch.float32, device)
-    states = [_vector(f"controller state {i}", s, n, torch.float32, device) for i, s in enumerate(controller.state)]
+    lam = _vector("λ", controller.lam, n, torch.float32, device, written=True)
+    states = [_vector(f"controller state {i}", s, n, torch.float32, device, written=True)
+              for i, s in enumerate(controller.state)]  # fmt: skip
     clock = controller.clock
     if clock is not None and (clock.numel() != 1 or clock.dtype != torch.float64 or clock.device != device):
         raise ValueError(f"step_tail: the clock must be one float64 on {device}")
@@ -341,17 +396,15 @@ def _controller_args(controller: Controller | None, n: int, device: torch.device
                float(controller.max_mult), int(controller.warmup), b, 1.0 - b, float(controller.target),
                int(controller.total_steps or 0), float(controller.peak)]  # fmt: skip
     kind = KINDS.index(controller.kind)
-    pooled = kind in (_RANDOM_WALK, _COSINE_EMA) and not controller.per_layer
+    log = kind in (_RANDOM_WALK, _COSINE_EMA)
+    second = (log and (not controller.per_layer or controller.warmup > 0)) or kind in (_WARMUP_COSINE, _REPLAY)
     flags = dict(CONTROLLER=kind, PER_LAYER=bool(controller.per_layer), HAS_CLOCK=clock is not None,
-                 HAS_TOTAL=controller.total_steps is not None,
-                 SECOND_PASS=pooled or kind in (_WARMUP_COSINE, _REPLAY))  # fmt: skip
+                 HAS_TOTAL=controller.total_steps is not None, SECOND_PASS=second)  # fmt: skip
     return tensors, scalars, flags
 
 
 def _launch(stats, idx, k_inputs, dense, exact, controller, max_step, from_norms: bool) -> None:
     n, device = _check_stats(stats)
-    if n == 0:
-        return
     k = n if idx is None else idx.numel()
     if idx is not None:
         idx = _vector("idx", idx, k, torch.int64, device)
@@ -360,10 +413,11 @@ def _launch(stats, idx, k_inputs, dense, exact, controller, max_step, from_norms
     ctl, scalars, flags = _controller_args(controller, n, device)
     _step_tail_kernel[(1,)](
         *(stats[key] for key in STATISTICS),
-        idx, k, max(k, 1).bit_length(),
+        idx, k,
         *k_inputs, *dense, exact, *ctl,
         n, float(max_step), *scalars,
         HAS_IDX=idx is not None, FROM_NORMS=from_norms, HAS_EXACT=exact is not None, **flags,
+        SEARCH_STEPS=k.bit_length() if idx is not None else 0,
         BLOCK=BLOCK, BLOCK_S=BLOCK_S, num_warps=NUM_WARPS,
     )  # fmt: skip
 
@@ -389,6 +443,8 @@ def finish_step(
     ``stats["c_norm"]`` itself when ``idx`` is None.
     """
     n, device = _check_stats(stats)
+    if n == 0:
+        return
     k = n if idx is None else idx.numel()
     inputs = [_vector(name, v, k, dtype, device) for name, v, dtype in (
         ("eta", eta, torch.float32), ("ok", ok, torch.bool), ("u", u, torch.float32), ("dot", dot, torch.float32),
@@ -417,6 +473,8 @@ def finish_from_norms(
     ``0 < ‖D‖ < inf`` and ``0 ≤ u ≤ max_step``, as in ``nup.step_core.coefficients``.
     """
     n, device = _check_stats(stats)
+    if n == 0:
+        return
     dense = [_vector(name, v, n, dtype, device) for name, v, dtype in (
         ("eta", eta, torch.float32), ("scales", scales, torch.float32), ("normalize", normalize, torch.bool),
         ("d_norm", d_norm, torch.float32))]  # fmt: skip

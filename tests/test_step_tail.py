@@ -23,6 +23,7 @@ from nup.schedule import (
     WarmupCosineSchedule,
 )
 from nup_kernels import step_tail
+from nup_kernels.backend import tl, triton
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on NaN and inf
 
@@ -42,11 +43,13 @@ SCHEDULES = {
     "geometry_per_layer": lambda: RandomWalkLR(per_layer=True),
     "geometry_warmup": lambda: RandomWalkLR(warmup=3),
     "geometry_clamps": lambda: RandomWalkLR(gain=50.0, max_change=0.7, min_mult=0.3, max_mult=1.5, beta=0.5),
-    "geometry_clamps_per_layer": lambda: RandomWalkLR(gain=50.0, max_change=0.7, min_mult=0.3, max_mult=1.5,
-                                                      beta=0.5, per_layer=True),  # fmt: skip
+    "geometry_clamps_per_layer": lambda: RandomWalkLR(
+        gain=50.0, max_change=0.7, min_mult=0.3, max_mult=1.5, beta=0.5, per_layer=True
+    ),
     "geometry_cosine": GeometryAwareLR,
-    "geometry_cosine_per_layer": lambda: GeometryAwareLR(per_layer=True, warmup=2, gain=20.0, max_change=0.5,
-                                                         min_mult=0.2, max_mult=3.0),  # fmt: skip
+    "geometry_cosine_per_layer": lambda: GeometryAwareLR(
+        per_layer=True, warmup=2, gain=20.0, max_change=0.5, min_mult=0.2, max_mult=3.0
+    ),
     "warmup_cosine": lambda: WarmupCosineSchedule(9, warmup=3, min_mult=0.1, peak=2.5),
     "warmup": lambda: WarmupCosineSchedule(None, warmup=4),
     "warmup_one": lambda: WarmupCosineSchedule(2, warmup=1, min_mult=0.0),  # ints equal to 1 are constexprs
@@ -242,3 +245,33 @@ def test_controller_refuses_what_the_kernel_cannot_run():
     with pytest.raises(ValueError, match="needs its clock"):
         step_tail.Controller("warmup_cosine", lam)
     assert math.isclose(step_tail.Controller("none", lam).peak, 1.0)
+
+
+@triton.jit
+def _div_sqrt_kernel(x, y, q, r, n, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    m = i < n
+    a = tl.load(x + i, mask=m, other=1.0)
+    b = tl.load(y + i, mask=m, other=1.0)
+    tl.store(q + i, step_tail._div(a, b), mask=m)
+    tl.store(r + i, step_tail._sqrt(tl.abs(a)), mask=m)
+
+
+def test_division_and_square_root_round_as_ieee_bit_for_bit():
+    """The kernel's call-free fp32 ``x / y`` and ``sqrt`` are the correctly rounded ones, specials included."""
+    gen = torch.Generator().manual_seed(0)
+    n = 4096
+    x, y = (torch.randint(-(2**31), 2**31 - 1, (n,), generator=gen).to(torch.int32).view(torch.float32).clone()
+            for _ in range(2))  # random bit patterns: every exponent, subnormals, inf, NaN  # fmt: skip
+    special = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 1e-45, -1e-45, 3.4028235e38, 1.0, 3.0, 1e-38])
+    m = len(special)
+    x[: m * m], y[: m * m] = special.repeat(m), special.repeat_interleave(m)
+    x[200:1200], y[200:1200] = torch.rand(1000, generator=gen) * 2 - 1, torch.rand(1000, generator=gen)
+    q, r = torch.empty(n), torch.empty(n)
+    _div_sqrt_kernel[(1,)](x, y, q, r, n, BLOCK=n)
+
+    def same(a, b):
+        return bool(((a.view(torch.int32) == b.view(torch.int32)) | (a.isnan() & b.isnan())).all())
+
+    assert same(q, x / y)
+    assert same(r, x.abs().double().sqrt().float())  # IEEE (torch's own CPU fp32 sqrt is off by 1 ulp at times)
