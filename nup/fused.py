@@ -41,8 +41,8 @@ class FusedStep:
     :meth:`finish`, which ``opt.step()`` calls once.
 
     Buffers (made at the first step, reused after): ``d_norm`` fp32 ``[n]`` (``‖D‖`` per tensor),
-    ``dot`` fp32 ``[n, slots]`` (per-program partials of ``⟨ΔP, C_old⟩``, summed once in
-    :meth:`finish`) and ``rates`` fp32 ``[n, 2]`` (``η·s`` for normalized tensors, ``η`` for the
+    ``dot`` fp32 ``[n, slots]`` (per-program partials of ``⟨ΔP, C_old⟩``, summed by :meth:`finish`'s
+    one step-tail launch) and ``rates`` fp32 ``[n, 2]`` (``η·s`` for normalized tensors, ``η`` for the
     others), which the apply kernels read to form ``coef = −(rates[i,0]/‖G‖ + rates[i,1])``.
     On CPU the same numbers are host floats. Reads the optimizer only through its public
     attributes (``param_groups``, ``state``, ``schedule``, ``cumulative``, ``recompute_every``, ``rates``).
