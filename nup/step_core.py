@@ -6,9 +6,9 @@ All vectors are fp32 (``skipped``: int64) of length ``n`` = number of parameter 
 Nothing here syncs with the host. The optimizer-wide state ``g`` lives in ``opt.state[GLOBAL_KEY]``.
 
 The step's tail (cosines, ``‖C‖``, the records and the schedule's update) is torch ops on CPU, which
-are also the oracle; on the Triton code path (CUDA) it is one launch of
-:mod:`nup_kernels.step_tail` (:func:`finish_step`, and :func:`finish_from_norms` for the fused path),
-which computes the same numbers in the same fp32 order.
+are also the oracle; on the Triton code path (CUDA) it is one launch of :mod:`nup_kernels.step_tail`
+(from :func:`finish_step`, and from :func:`finish_from_norms` for the fused path), which computes the
+same numbers in the same fp32 order.
 """
 
 from __future__ import annotations

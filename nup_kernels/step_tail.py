@@ -20,8 +20,10 @@ The formulas are those of ``nup.step_core.finish_step`` and ``nup.schedule`` (th
 the oracle), in the same fp32 operations and order: IEEE-rounded division and square root (formed
 without their slow-path calls, around which ptxas spills registers), NaN kept by every clamp as
 torch keeps it, global sums over tensors in a fixed order (deterministic,
-equal to torch's up to fp32 rounding), the clock and the warm-up/cosine value in float64. The
-kernel does not know the ``nup`` classes: a schedule describes itself as a :class:`Controller`.
+equal to torch's up to fp32 rounding), the clock and the warm-up/cosine value in float64. On a
+GPU two things can still differ from torch by an ulp or so: ``tl.exp`` (the controller's factor)
+and multiply-adds the compiler contracts into FMAs. The kernel does not know the ``nup`` classes:
+a schedule describes itself as a :class:`Controller`.
 
 ``idx`` (int64 ``[k]``, ascending) names the tensors that took part in the step; the tensors
 outside it record ``u = cos = 0`` and keep ``c_norm``, ``lr``, ``path`` and ``skipped``. The kernel

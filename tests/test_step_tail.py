@@ -168,7 +168,9 @@ def _norm_inputs(n: int, slots: int, gen: torch.Generator, step: int) -> dict:
     return dict(rates=(eta, scales, normalize), d_norm=d_norm, dot=dot, c_norm_exact=exact)
 
 
-@pytest.mark.parametrize("name", ["constant", "geometry", "geometry_per_layer", "geometry_cosine", "warmup_cosine"])
+@pytest.mark.parametrize(
+    "name", ["constant", "geometry", "geometry_per_layer", "geometry_cosine", "warmup_cosine", "subclass"]
+)  # subclass: coefficients and the dot sum in torch, then the tail kernel, then its update() in torch
 @pytest.mark.parametrize("slots", [1, 3, 40])
 @pytest.mark.parametrize("subsets", [False, True], ids=["all", "idx"])
 def test_kernel_tail_from_norms_equals_coefficients_then_the_torch_tail(backend, name, slots, subsets):
@@ -234,6 +236,10 @@ def test_kernel_tail_state_round_trips_through_a_state_dict(backend):
         backend("triton")
         core.finish_step(ker_g, schedule=ker, **inputs)
         _compare(ref_g, ref, ker_g, ker, f"resumed step {step}")
+
+
+def test_the_kernel_records_the_statistic_vectors_nup_keeps():
+    assert step_tail.STATISTICS == core.STAT_VECTORS
 
 
 def test_controller_refuses_what_the_kernel_cannot_run():
