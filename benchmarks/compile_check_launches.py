@@ -6,7 +6,8 @@ its arguments as Triton signature types with their values, its constexprs, ``num
 ``num_stages``, whether an autotuner chose the config, and the dtypes of the tensor arguments (what
 the autotuner's ``early_config_prune`` reads). Kernels added later are found without registering
 them, as long as a workload below reaches them: every public launcher in fp32 (TF32 off and on),
-bf16 and fp16, and a fused NuMLP + NuP training step on both update paths.
+bf16 and fp16, the step tail with every schedule the kernel runs, and a fused NuMLP + NuP training
+step on both update paths.
 
 Shapes are multiples of 16 (aligned), so integer arguments carry the specialization Triton gives
 aligned shapes; :mod:`compile_check_aot` derives the unaligned variant from them.
@@ -30,7 +31,7 @@ import triton  # noqa: E402
 from triton.runtime import autotuner, interpreter  # noqa: E402
 
 _TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
-          torch.int32: "i32", torch.uint8: "u8", torch.bool: "i1"}  # fmt: skip
+          torch.int32: "i32", torch.uint8: "u8", torch.bool: "i1", torch.float64: "fp64"}  # fmt: skip
 #: fp32 matmul settings the dispatcher honours: "ieee" (TF32 off) and "tf32"
 PRECISIONS = {"ieee": "highest", "tf32": "high"}
 
@@ -173,6 +174,37 @@ def _layer_ops(dtype: torch.dtype, act: str, bias: bool, batch: int = 32, n_in: 
     multi_tensor.multi_tensor_reduce([d.float() for d in ds], cs)
 
 
+def _step_tail_ops() -> None:
+    """The step-tail launchers with every controller kind (global and per layer), with and without an
+    ``idx`` subset and an exact ``‖C‖``, from given statistics and from the fused path's norms."""
+    from nup.schedule import ReplaySchedule, make_schedule
+    from nup.step_core import active_index, global_state
+    from nup_kernels import step_tail
+
+    n = 48
+    g = torch.Generator().manual_seed(0)
+    for name, warmup in (("constant", 0), ("geometry", 0), ("geometry", 2), ("geometry_per_layer", 0),
+                         ("geometry_per_layer", 2), ("geometry_cosine", 2), ("geometry_cosine_per_layer", 2),
+                         ("warmup_cosine", 2), ("warmup", 2), ("geometry_sharpness", 0)):  # fmt: skip
+        sched = make_schedule(name, total_steps=100, warmup=warmup)
+        for subset, exact in ((False, False), (True, True)):
+            active = list(range(0, n, 3)) if subset else list(range(n))
+            idx, k = active_index(active, n, torch.device("cpu")), len(active)
+            stats = global_state({}, n, torch.device("cpu"))
+            controller = sched.kernel_update(n, "cpu")
+            c = torch.rand(k, generator=g) if exact else None
+            eta, u = torch.rand(k, generator=g), torch.rand(k, generator=g)
+            step_tail.finish_step(stats, idx, eta, u > 0.2, u, torch.randn(k, generator=g), torch.rand(k, generator=g),
+                                  c, controller)  # fmt: skip
+            rates = (torch.rand(n, generator=g), torch.rand(n, generator=g), torch.rand(n, generator=g) > 0.5)
+            step_tail.finish_from_norms(stats, idx, *rates, torch.rand(n, generator=g), torch.randn(n, 16, generator=g),
+                                        1e19, c, sched.kernel_update(n, "cpu"))  # fmt: skip
+    sched = ReplaySchedule([1.0, 0.5])
+    stats = global_state({}, n, torch.device("cpu"))
+    u = torch.rand(n, generator=g)
+    step_tail.finish_step(stats, None, u, u > 0.2, u, u, u, None, sched.kernel_update(n, "cpu"))
+
+
 def _fused_step(dtype: torch.dtype, path: str, batch: int) -> None:
     """Two steps of a depth-3 NuMLP with NuP(fused=True), and one with the drop-in NuP."""
     from nup.model import NuMLP
@@ -209,6 +241,8 @@ def discover() -> list[dict[str, Any]]:
                 for path in ("small_batch", "materialized"):
                     recorder.tag = f"fused_step {str(dtype)[6:]} {prec_name} {path}"
                     _fused_step(dtype, path, 16)
+        recorder.tag = "step_tail"
+        _step_tail_ops()
         torch.set_float32_matmul_precision("highest")
     return list(recorder.launches.values())
 

@@ -42,8 +42,8 @@ class FusedStep:
     :meth:`finish`, which ``opt.step()`` calls once.
 
     Buffers (made at the first step, reused after): ``d_norm`` fp32 ``[n]`` (``‖D‖`` per tensor),
-    ``dot`` fp32 ``[n, slots]`` (per-program partials of ``⟨ΔP, C_old⟩``, summed once in
-    :meth:`finish`) and ``rates`` fp32 ``[n, 2]`` (``η·s`` for normalized tensors, ``η`` for the
+    ``dot`` fp32 ``[n, slots]`` (per-program partials of ``⟨ΔP, C_old⟩``, summed by :meth:`finish`'s
+    one step-tail launch) and ``rates`` fp32 ``[n, 2]`` (``η·s`` for normalized tensors, ``η`` for the
     others), which the apply kernels read to form ``coef = −(rates[i,0]/‖G‖ + rates[i,1])``.
     On CPU the same numbers are host floats. Reads the optimizer only through its public
     attributes (``param_groups``, ``state``, ``schedule``, ``cumulative``, ``recompute_every``, ``rates``).
@@ -117,19 +117,20 @@ class FusedStep:
         active, self.seen = sorted(self.seen), []
         g = core.global_state(opt.state, len(params), device)
         idx = core.active_index(active, len(params), device)
-        eta, scales, normalize = (core.pick(v, idx) for v in self.rates)
-        if self.host is not None:
-            d_norm = torch.tensor(self.host["d_norm"], dtype=torch.float32, device=device)
-            dot = torch.tensor(self.host["dot"], dtype=torch.float32, device=device)
-            self.host = None
-        else:
-            d_norm, dot = self.buffers["d_norm"], self.buffers["dot"].sum(1)
-        ok, _, u = core.coefficients(core.pick(d_norm, idx), eta, scales, normalize)
         exact = None
         if core.recompute_due(g, opt.recompute_every):
             init = opt.cumulative == "init"
             ps = [params[i] for i in active]
             exact = core.exact_c_norm(ps, [core.cumulative_buffer(opt.state[p], p, init) for p in ps], init)
+        if self.host is None:  # the kernels ran: the tail is one launch from the buffers they filled
+            b = self.buffers
+            core.finish_from_norms(g, idx, self.rates, b["d_norm"], b["dot"], exact, opt.schedule)
+            return
+        eta, scales, normalize = (core.pick(v, idx) for v in self.rates)
+        d_norm = torch.tensor(self.host["d_norm"], dtype=torch.float32, device=device)
+        dot = torch.tensor(self.host["dot"], dtype=torch.float32, device=device)
+        self.host = None
+        ok, _, u = core.coefficients(core.pick(d_norm, idx), eta, scales, normalize)
         # a skipped tensor's dot is 0 already (its kernel or loop did not run)
         core.finish_step(g, idx, eta, ok, u, core.pick(dot, idx), core.pick(g["c_norm"], idx), exact, opt.schedule)
 

@@ -16,6 +16,12 @@ a signal ``s_t`` read from scalars NuP already has (no extra pass over P):
 
 :class:`SharpnessTargetLR` (``geometry_sharpness``) sets ``λ`` from a measured effective
 sharpness instead (CDAT-like); it needs the caller to measure it (:meth:`SharpnessTargetLR.observe`).
+
+On the Triton code path (CUDA) :meth:`MultiplierSchedule.update` is not called: the step-tail kernel
+(:mod:`nup_kernels.step_tail`) runs the same formulas in the launch that records the statistics, on
+the schedule's own tensors (in place), from the :class:`~nup_kernels.step_tail.Controller` that
+:meth:`MultiplierSchedule.kernel_update` describes. A subclass that changes a formula gets None there
+and its ``update()`` runs in torch.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import math
 from typing import Any
 
 import torch
+
+from nup_kernels.step_tail import Controller
 
 
 def require_finite(**values: Any) -> None:
@@ -118,6 +126,38 @@ class MultiplierSchedule:
     ) -> torch.Tensor:
         raise NotImplementedError
 
+    def kernel_update(self, n: int, device: torch.device | str) -> Controller | None:
+        """:meth:`update` for the step-tail kernel: count the call, make the state tensors (first step
+        only) and return the :class:`~nup_kernels.step_tail.Controller` the kernel runs on them in
+        place. None, with nothing done, where ``update()`` must run in torch instead (a schedule the
+        kernel does not know, or a subclass that overrides one of the formulas)."""
+        controller = self._controller(n, torch.device(device)) if self._inherits(MultiplierSchedule, "update") else None
+        if controller is not None:
+            self.steps_done += 1
+        return controller
+
+    def _controller(self, n: int, device: torch.device) -> Controller | None:
+        """The kernel form of this schedule (None: none)."""
+        return None
+
+    def _inherits(self, cls: type, *names: str) -> bool:
+        """Whether this object's class takes the methods ``names`` from ``cls`` (no override below it)."""
+        return all(getattr(type(self), name) is getattr(cls, name) for name in names)
+
+    def _kernel_tensors(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``λ`` (fp32 ``[n]``) and the clock (float64 0-dim; None where unused) on ``device``, made once."""
+        lam = self.multiplier(n, device)
+        if lam.dtype != torch.float32 or not lam.is_contiguous():
+            self.lam = lam = lam.float().contiguous()
+        if not self.uses_clock:
+            return lam, None
+        clock = self.clock
+        if clock is None:
+            self.clock = torch.zeros((), dtype=torch.float64, device=device)
+        elif clock.device != device or clock.dtype != torch.float64 or clock.dim() != 0:
+            self.clock = clock.to(device, torch.float64).reshape(()).clone()
+        return lam, self.clock
+
     def state_dict(self) -> dict[str, Any]:
         return {k: (v.clone() if torch.is_tensor(v) else v) for k, v in self.__dict__.items()}
 
@@ -136,6 +176,11 @@ class ConstantSchedule(MultiplierSchedule):
 
     def _next(self, cos, update_norm, c_norm, moved) -> torch.Tensor:
         return self.lam  # made as ones by multiplier(), never changed: no launch
+
+    def _controller(self, n: int, device: torch.device) -> Controller | None:
+        if not self._inherits(ConstantSchedule, "_next"):
+            return None
+        return Controller("none", self._kernel_tensors(n, device)[0])
 
 
 class WarmupCosineSchedule(MultiplierSchedule):
@@ -178,6 +223,13 @@ class WarmupCosineSchedule(MultiplierSchedule):
     def _next(self, cos, update_norm, c_norm, moved) -> torch.Tensor:
         return self.value_at(self.clock).float().expand_as(cos).clone()
 
+    def _controller(self, n: int, device: torch.device) -> Controller | None:
+        if not self._inherits(WarmupCosineSchedule, "_next", "value_at"):
+            return None
+        lam, clock = self._kernel_tensors(n, device)
+        return Controller("warmup_cosine", lam, clock, warmup=self.warmup, total_steps=self.total_steps,
+                          min_mult=self.min_mult, peak=self.peak)  # fmt: skip
+
 
 class ReplaySchedule(MultiplierSchedule):
     """Open-loop ``λ_t = values[t]`` (the last value after the end), e.g. a recorded controller's λ_t."""
@@ -198,6 +250,14 @@ class ReplaySchedule(MultiplierSchedule):
             self.values = self.values.to(cos.device)  # once: no copy per step
         t = self.clock.clamp(max=self.values.numel() - 1).long().reshape(1)
         return self.values.index_select(0, t).expand_as(cos).clone()
+
+    def _controller(self, n: int, device: torch.device) -> Controller | None:
+        if not self._inherits(ReplaySchedule, "_next"):
+            return None
+        lam, clock = self._kernel_tensors(n, device)
+        if self.values.device != device or self.values.dtype != torch.float32:
+            self.values = self.values.to(device, torch.float32).contiguous()  # once
+        return Controller("replay", lam, clock, values=self.values)
 
 
 class _LogController(MultiplierSchedule):
@@ -246,6 +306,18 @@ class _LogController(MultiplierSchedule):
         lam = torch.where(active, (self.lam * factor).clamp(self.min_mult, self.max_mult), self.lam)
         return torch.where(self.clock < self.warmup, torch.ones_like(lam), lam)
 
+    def _log_controller(self, cls: type, kind: str, n: int, device: torch.device, **extra: Any) -> Controller | None:
+        """The kernel form of controller ``cls`` (``kind``), with its state vectors made on ``device``."""
+        if not self._inherits(cls, "_next", "_signal", "_active", "_pool"):
+            return None
+        lam, clock = self._kernel_tensors(n, device)
+        for name in self._state_names:
+            setattr(self, name, self._state(name, lam))
+        return Controller(kind, lam, clock, per_layer=bool(self.per_layer),
+                          state=tuple(getattr(self, name) for name in self._state_names), gain=self.gain,
+                          max_change=self.max_change, min_mult=self.min_mult, max_mult=self.max_mult,
+                          warmup=self.warmup, **extra)  # fmt: skip
+
 
 class GeometryAwareLR(_LogController):
     """SPEC §4's original controller (``geometry_cosine``): ``s_t = c̃_t − target``.
@@ -277,6 +349,9 @@ class GeometryAwareLR(_LogController):
         ema = self._state("ema", cos)
         self.ema = torch.where(active, self.beta * ema + (1.0 - self.beta) * signal, ema)
         return self.ema - self.target
+
+    def _controller(self, n: int, device: torch.device) -> Controller | None:
+        return self._log_controller(GeometryAwareLR, "cosine_ema", n, device, beta=self.beta, target=self.target)
 
 
 class RandomWalkLR(_LogController):
@@ -318,6 +393,9 @@ class RandomWalkLR(_LogController):
         self.noise = torch.where(active, b * ema_n + (1 - b) * self._pool(update_norm.square()), ema_n)
         return torch.where(self.noise > 0, self.excess / self.noise.clamp_min(1e-30), 0.0)
 
+    def _controller(self, n: int, device: torch.device) -> Controller | None:
+        return self._log_controller(RandomWalkLR, "random_walk", n, device, beta=self.beta)
+
 
 class SharpnessTargetLR(MultiplierSchedule):
     """CDAT-like (``geometry_sharpness``): drive the measured effective sharpness to ``target``.
@@ -350,6 +428,11 @@ class SharpnessTargetLR(MultiplierSchedule):
 
     def _next(self, cos, update_norm, c_norm, moved) -> torch.Tensor:
         return self.lam
+
+    def _controller(self, n: int, device: torch.device) -> Controller | None:
+        if not self._inherits(SharpnessTargetLR, "_next"):
+            return None
+        return Controller("none", *self._kernel_tensors(n, device))
 
 
 SCHEDULES = ("constant", "warmup", "warmup_cosine", "geometry", "geometry_per_layer", "geometry_cosine",

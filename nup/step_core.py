@@ -4,6 +4,11 @@ and the fused in-backward step (:mod:`nup.fused`).
 All vectors are fp32 (``skipped``: int64) of length ``n`` = number of parameter tensors, or ``k``
 = the tensors that take part in this step (``idx`` maps ``k`` into ``n``; None when all do).
 Nothing here syncs with the host. The optimizer-wide state ``g`` lives in ``opt.state[GLOBAL_KEY]``.
+
+The step's tail (cosines, ``‖C‖``, the records and the schedule's update) is torch ops on CPU, which
+are also the oracle; on the Triton code path (CUDA) it is one launch of :mod:`nup_kernels.step_tail`
+(from :func:`finish_step`, and from :func:`finish_from_norms` for the fused path), which computes the
+same numbers in the same fp32 order.
 """
 
 from __future__ import annotations
@@ -13,6 +18,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+from nup_kernels import step_tail
+from nup_kernels.backend import use_triton
 
 MAX_STEP = math.sqrt(torch.finfo(torch.float32).max)
 """Largest step norm ``u`` taken: ``u²`` must stay finite in the fp32 ‖C‖ identity (about 1.8e19)."""
@@ -62,7 +70,10 @@ def _refuse_while_compiling() -> None:
 
 
 def active_index(active: Sequence[int], n: int, device: torch.device) -> torch.Tensor | None:
-    """Index (int64 ``[k]``) of the tensors that take part in this step, or None when all ``n`` do."""
+    """Index (int64 ``[k]``) of the tensors that take part in this step, or None when all ``n`` do.
+
+    ``active`` is ascending (the step-tail kernel relies on it).
+    """
     return None if len(active) == n else torch.tensor(list(active), device=device)
 
 
@@ -134,8 +145,17 @@ def finish_step(
     """Cosines, ``‖C‖`` by the identity (or ``c_norm_exact``), the records and the schedule update.
 
     ``dot`` is ``⟨ΔP_t, C_t⟩`` and ``c_norm_old`` is ``‖C_t‖``, both fp32 ``[k]``; ``schedule`` is
-    the optimizer's :class:`nup.schedule.MultiplierSchedule`.
+    the optimizer's :class:`nup.schedule.MultiplierSchedule`. On the Triton code path this is one
+    launch (:func:`nup_kernels.step_tail.finish_step`) with the schedule's update in it, or, for a
+    schedule the kernel does not know, the launch and then ``schedule.update`` in torch.
     """
+    if use_triton(u):
+        controller = schedule.kernel_update(g["cos"].numel(), u.device)
+        step_tail.finish_step(g, idx, eta, ok, u, dot, c_norm_old, c_norm_exact, controller)
+        g["step"] += 1
+        if controller is None:
+            _update_schedule(g, idx, ok, schedule)
+        return
     denom = u * c_norm_old
     pos = denom > 0
     cos = torch.where(pos, dot / torch.where(pos, denom, 1.0), 0.0).clamp(-1.0, 1.0)
@@ -143,6 +163,38 @@ def finish_step(
         c_norm_exact = torch.addcmul(torch.addcmul(2.0 * dot, c_norm_old, c_norm_old), u, u).clamp_min(0.0).sqrt()
     record(g, idx, u, cos, c_norm_exact, eta, ok)
     g["step"] += 1
+    _update_schedule(g, idx, ok, schedule)
+
+
+def finish_from_norms(
+    g: dict[str, Any],
+    idx: torch.Tensor | None,
+    rates: Sequence[torch.Tensor],
+    d_norm: torch.Tensor,
+    dot: torch.Tensor,
+    c_norm_exact: torch.Tensor | None,
+    schedule: Any,
+) -> None:
+    """:func:`coefficients`' ok and ``u``, then :func:`finish_step`, from the fused path's ``[n]`` buffers.
+
+    ``rates``: this step's ``(η, s_P, normalize)``, each ``[n]``; ``d_norm``: ``‖D‖`` fp32 ``[n]``;
+    ``dot``: fp32 ``[n, S]`` partials of ``⟨ΔP, C_t⟩`` (entries outside ``idx`` are not read);
+    ``c_norm_exact``: ``[k]`` or None. On the Triton code path with a schedule the kernel knows,
+    all of it is one launch (:func:`nup_kernels.step_tail.finish_from_norms`); otherwise torch ops.
+    """
+    controller = schedule.kernel_update(g["cos"].numel(), d_norm.device) if use_triton(d_norm) else None
+    if controller is None:
+        eta, scales, normalize = (pick(v, idx) for v in rates)
+        ok, _, u = coefficients(pick(d_norm, idx), eta, scales, normalize)
+        dots = pick(dot.sum(1) if dot.dim() == 2 else dot, idx)
+        finish_step(g, idx, eta, ok, u, dots, pick(g["c_norm"], idx), c_norm_exact, schedule)
+        return
+    step_tail.finish_from_norms(g, idx, *rates, d_norm, dot, MAX_STEP, c_norm_exact, controller)
+    g["step"] += 1
+
+
+def _update_schedule(g: dict[str, Any], idx: torch.Tensor | None, ok: torch.Tensor, schedule: Any) -> None:
+    """``schedule.update`` in torch from the recorded vectors; λ stays in its storage."""
     lam = schedule.lam
     moved = ok if idx is None else torch.zeros_like(g["update_norm"], dtype=torch.bool).index_copy(0, idx, ok)
     schedule.update(g["cos"], g["update_norm"], c_norm=g["c_norm"], ok=moved)

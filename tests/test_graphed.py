@@ -28,7 +28,7 @@ def _setup(fused: bool, device="cpu", bias=False):
 
 def _storage(model, opt) -> dict:
     """data_ptr of every persistent tensor the step writes: parameters, optimizer state, statistics,
-    the fused path's per-step buffers and the schedule's multiplier."""
+    the fused path's per-step buffers and the schedule's multiplier, clock and controller state."""
     out = {f"param{i}": p.data_ptr() for i, p in enumerate(model.parameters())}
     for i, p in enumerate(model.parameters()):
         out |= {f"state{i}.{k}": v.data_ptr() for k, v in opt.state[p].items() if torch.is_tensor(v)}
@@ -36,6 +36,8 @@ def _storage(model, opt) -> dict:
     if opt._fused is not None:
         out |= {f"fused.{k}": v.data_ptr() for k, v in opt._fused.buffers.items() if torch.is_tensor(v)}
     out["lam"] = opt.schedule.lam.data_ptr()
+    out["clock"] = opt.schedule.clock.data_ptr()
+    out |= {f"schedule.{k}": getattr(opt.schedule, k).data_ptr() for k in opt.schedule._state_names}
     return out
 
 

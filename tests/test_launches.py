@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from nup import NuMLP, NuP
+from nup import NuMLP, NuP, make_schedule
 from nup.launches import count_launches, per_layer
 
 #: DESIGN.md's budget: per layer per step, and per step independent of depth
@@ -17,10 +17,11 @@ def _triton(monkeypatch):
     monkeypatch.delenv("NUP_UPDATE_PATH", raising=False)
 
 
-def _fused_step(depth: int, **model_kw):
+def _fused_step(depth: int, schedule: str = "constant", **model_kw):
     torch.manual_seed(0)
     model = NuMLP(8, 3, depth, 1, **model_kw)
-    opt = NuP(model.named_parameters(), lr=0.1, fused=True, recompute_every=1000)
+    sched = make_schedule(schedule, total_steps=100)
+    opt = NuP(model.named_parameters(), lr=0.1, fused=True, recompute_every=1000, schedule=sched)
     x, y = torch.randn(8, 8), torch.randint(0, 3, (8,))
 
     def step():
@@ -34,10 +35,17 @@ def _fused_step(depth: int, **model_kw):
 @pytest.mark.parametrize(
     "model_kw", [{}, {"activation": "tanh", "bias": True, "sigma_b2": 0.3}], ids=["relu", "tanh-bias"]
 )
-def test_fused_step_is_within_the_launch_budget(model_kw):
-    counts = per_layer(lambda d: _fused_step(d, **model_kw))
+@pytest.mark.parametrize("schedule", ["constant", "geometry"])  # geometry: the default of nup.train
+def test_fused_step_is_within_the_launch_budget(model_kw, schedule):
+    counts = per_layer(lambda d: _fused_step(d, schedule, **model_kw))
     assert counts["per_layer"] <= PER_LAYER, counts
     assert counts["constant"] <= CONSTANT, counts
+
+
+@pytest.mark.parametrize("schedule", ["geometry_per_layer", "geometry_cosine", "warmup_cosine"])
+def test_the_schedule_costs_no_launch_of_its_own(schedule):
+    """Every schedule's update runs inside the one step-tail launch: the same count as the constant λ."""
+    assert per_layer(lambda d: _fused_step(d, schedule)) == per_layer(lambda d: _fused_step(d))
 
 
 def test_counter_sees_torch_ops_and_triton_launches_but_not_views():
