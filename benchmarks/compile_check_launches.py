@@ -139,7 +139,7 @@ def _constexpr_json(value: Any) -> Any:
 
 def _layer_ops(dtype: torch.dtype, act: str, bias: bool, batch: int = 32, n_in: int = 48, n_out: int = 64) -> None:
     """Every public launcher of one layer: forward, δ, dx, dW (δ recomputed and given), bias grad, Gram norm,
-    apply (both paths), multi-tensor."""
+    apply (both paths and the bias), multi-tensor."""
     from nup_kernels import apply_update, gram_norm, linear_act, multi_tensor
 
     g = torch.Generator().manual_seed(0)
@@ -166,6 +166,10 @@ def _layer_ops(dtype: torch.dtype, act: str, bias: bool, batch: int = 32, n_in: 
     apply_update.apply_update(w, c, coef, x=x, delta=delta.to(dtype), alpha=0.5)
     if dtype == torch.float32:
         apply_update.apply_update(w, w.clone(), coef, grad=g_full, cumulative_is_init=True)
+    if bias:
+        rates = torch.tensor([[0.1, 0.0]])
+        apply_update.apply_bias_update(b, torch.zeros_like(b), delta, 1.0, 0, rates=rates,
+                                       d_norm_out=torch.zeros(1), dot_out=torch.zeros(1))
     ds = [torch.randn(n_out, n_in, generator=g).to(dtype), torch.randn(n_out, generator=g).to(dtype)]
     cs = [torch.randn_like(d) for d in ds]
     multi_tensor.multi_tensor_reduce(ds, cs)

@@ -222,7 +222,7 @@ class ShardedStats:
     def reduce(
         self, directions: Sequence[torch.Tensor], cumulatives: Sequence[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Global ``‖D‖²``, ``⟨D, C⟩`` and ``‖C‖²`` per tensor, fp32 ``[n]`` each.
+        """Global ``‖D‖²``, ``⟨D, C⟩`` and ``‖C‖²`` per tensor, float64 ``[n]`` each (accumulated in fp64).
 
         ``⟨D, C⟩`` is set to 0 where ``D`` is not finite (that tensor's step is skipped).
         """

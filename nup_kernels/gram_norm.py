@@ -7,8 +7,14 @@ chunks of ``n_out``, ``⟨x xᵀ, δ δᵀ⟩ = Σ_{c,e} ⟨X_c, D_e⟩``. One p
 ``BLOCK_B × BLOCK_B`` tile of one ``X_c`` and one ``D_e`` (``tl.dot`` over its chunk) and writes
 their ``⟨·,·⟩`` to its own slot of a partials buffer; tiles below the diagonal write 0 (both Grams
 are symmetric, so an off-diagonal tile counts twice). One launch, no atomics: the partials'
-``torch.sum`` is deterministic, and it is clamped at 0 (TF32 or 16-bit rounding of a nearly
-vanishing ``‖G‖²`` must not turn into NaN in ``sqrt``).
+``torch.sum`` is deterministic, and it is clamped at 0 (rounding of a nearly vanishing ``‖G‖²``
+must not turn into NaN in ``sqrt``).
+
+Extreme but finite gradients (issue #13): the Gram tiles, their ``⟨·,·⟩`` and the partials are
+fp64 (the operands are upcast before an fp64 ``tl.dot``). An fp32 ``δ δᵀ`` overflows as soon as
+``δ`` holds entries near 1e19 (and underflows below about 1e-19), while in fp64 the product of any
+two finite fp32/bf16/fp16 values, and any realistic sum of them, stays in range: ``‖G‖²`` is right
+for any ``G`` whose entries are finite in fp32, and the step is never skipped for its scale.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from nup_kernels import reference
-from nup_kernels.backend import check_inputs, fp32_dot_precision, interpreter_active, tl, triton, use_triton
+from nup_kernels.backend import check_inputs, fp32_dot_precision, tl, triton, use_triton
 
 #: ``tl.dot`` input precision for fp32 operands (kept under this name for the kernels that import it)
 dot_precision = fp32_dot_precision
@@ -27,29 +33,27 @@ _BLOCK_K = 64
 @triton.jit
 def _gram_tile(
     a_ptr, stride_b, stride_k, rows_i, rows_j, B, k_lo, k_hi,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, ONE_TILE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr,
 ):  # fmt: skip
-    """Tile ``(rows_i, rows_j)`` of ``A[:, k_lo:k_hi] A[:, k_lo:k_hi]ᵀ`` in fp32.
+    """Tile ``(rows_i, rows_j)`` of ``A[:, k_lo:k_hi] A[:, k_lo:k_hi]ᵀ`` in fp64 (operands upcast, fp64 dot).
 
     ``ONE_TILE`` (the batch fits one tile, so ``rows_i`` is ``rows_j``): the rows are loaded once.
     """
     mask_i = rows_i < B
     mask_j = rows_j < B
-    acc = tl.zeros((BLOCK_B, BLOCK_B), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_B, BLOCK_B), dtype=tl.float64)
     ks = tl.arange(0, BLOCK_K)
     off_i = rows_i[:, None] * stride_b + ks[None, :] * stride_k
     off_j = rows_j[:, None] * stride_b + ks[None, :] * stride_k
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kmask = (k0 + ks) < k_hi
         base = a_ptr + k0 * stride_k
-        a = tl.load(base + off_i, mask=mask_i[:, None] & kmask[None, :], other=0.0)
+        a = tl.load(base + off_i, mask=mask_i[:, None] & kmask[None, :], other=0.0).to(tl.float64)
         if ONE_TILE:
             b = a
         else:
-            b = tl.load(base + off_j, mask=mask_j[:, None] & kmask[None, :], other=0.0)
-        if UPCAST:
-            a, b = a.to(tl.float32), b.to(tl.float32)
-        acc += tl.dot(a, tl.trans(b), input_precision=PREC)
+            b = tl.load(base + off_j, mask=mask_j[:, None] & kmask[None, :], other=0.0).to(tl.float64)
+        acc += tl.dot(a, tl.trans(b), input_precision="ieee")
     return acc
 
 
@@ -59,10 +63,9 @@ def _gram_norm_kernel(
     B, n_in, n_out,
     stride_xb, stride_xk, stride_db, stride_dk,
     chunk_x, chunk_d, n_chunks_d, scale,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-    ONE_TILE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr,
 ):  # fmt: skip
-    """Grid ``(n_b, n_b, n_chunks_x · n_chunks_d)``; ``scale·⟨X_c, D_e⟩`` of tile ``(pi, pj)`` per program."""
+    """Grid ``(n_b, n_b, n_chunks_x · n_chunks_d)``; ``scale·⟨X_c, D_e⟩`` of tile ``(pi, pj)`` per program (fp64)."""
     pi = tl.program_id(0)
     pj = tl.program_id(1)
     pc = tl.program_id(2)
@@ -77,11 +80,11 @@ def _gram_norm_kernel(
         rows_j = pj * BLOCK_B + tl.arange(0, BLOCK_B)
         x_lo = c * chunk_x
         gx = _gram_tile(x_ptr, stride_xb, stride_xk, rows_i, rows_j, B, x_lo, tl.minimum(x_lo + chunk_x, n_in),
-                        BLOCK_B, BLOCK_K, PREC, UPCAST, ONE_TILE)  # fmt: skip
+                        BLOCK_B, BLOCK_K, ONE_TILE)  # fmt: skip
         d_lo = e * chunk_d
         gd = _gram_tile(d_ptr, stride_db, stride_dk, rows_i, rows_j, B, d_lo, tl.minimum(d_lo + chunk_d, n_out),
-                        BLOCK_B, BLOCK_K, PREC, UPCAST, ONE_TILE)  # fmt: skip
-        weight = tl.where(pj > pi, 2.0, 1.0) * tl.cast(scale, tl.float32)
+                        BLOCK_B, BLOCK_K, ONE_TILE)  # fmt: skip
+        weight = tl.where(pj > pi, 2.0, 1.0) * tl.cast(scale, tl.float64)
         tl.store(partials_ptr + slot, weight * tl.sum(gx * gd))
 
 
@@ -110,11 +113,11 @@ def _check(op: str, x: torch.Tensor, delta: torch.Tensor) -> None:
 def grad_norm_sq_partials(
     x: torch.Tensor, delta: torch.Tensor, alpha: float, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Per-program fp32 partials ``[P]`` of ``‖α·δᵀx‖²_F`` from one launch; their sum is ``‖G‖²``.
+    """Per-program float64 partials ``[P]`` of ``‖α·δᵀx‖²_F`` from one launch; their sum is ``‖G‖²``.
 
-    ``x`` is ``(B, n_in)``, ``delta`` ``(B, n_out)``, any strides and dtypes (fp32, bf16, fp16; the two
-    may differ). ``P = grad_norm_sq_partials_size(B, n_in, n_out)``; ``out``, when given, is an fp32
-    vector of that length, written in place (no allocation, for CUDA graphs). Partials may be
+    ``x`` is ``(B, n_in)``, ``delta`` ``(B, n_out)``, any strides and dtypes (fp32, bf16, fp16, float64;
+    the two may differ). ``P = grad_norm_sq_partials_size(B, n_in, n_out)``; ``out``, when given, is a
+    float64 vector of that length, written in place (no allocation, for CUDA graphs). Partials may be
     negative; clamp their sum at 0. CUDA tensors (or ``NUP_BACKEND=triton``) only.
     """
     _check("grad_norm_sq_partials", x, delta)
@@ -125,10 +128,10 @@ def grad_norm_sq_partials(
     n_out = delta.shape[1]
     size = grad_norm_sq_partials_size(batch, n_in, n_out)
     if out is None:
-        out = torch.empty(size, dtype=torch.float32, device=x.device)
-    elif out.dtype != torch.float32 or out.shape != (size,) or out.device != x.device:
+        out = torch.empty(size, dtype=torch.float64, device=x.device)
+    elif out.dtype != torch.float64 or out.shape != (size,) or out.device != x.device:
         raise ValueError(
-            f"grad_norm_sq_partials: out must be an fp32 vector of length {size} on {x.device}, "
+            f"grad_norm_sq_partials: out must be a float64 vector of length {size} on {x.device}, "
             f"got {out.dtype} {tuple(out.shape)} on {out.device}; use grad_norm_sq_partials_size()"
         )
     if batch == 0 or n_in == 0 or n_out == 0:
@@ -141,14 +144,13 @@ def grad_norm_sq_partials(
         batch, n_in, n_out,
         x.stride(0), x.stride(1), delta.stride(0), delta.stride(1),
         chunk_x, chunk_d, n_cd, float(alpha) ** 2,
-        BLOCK_B=block_b, BLOCK_K=_BLOCK_K, PREC=fp32_dot_precision(), UPCAST=interpreter_active(),
-        ONE_TILE=n_b == 1, num_warps=4,
+        BLOCK_B=block_b, BLOCK_K=_BLOCK_K, ONE_TILE=n_b == 1, num_warps=4,
     )  # fmt: skip
     return out
 
 
 def grad_norm_sq_gram(x: torch.Tensor, delta: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``‖α·δᵀx‖²_F`` for ``x`` ``(B, n_in)`` and ``delta`` ``(B, n_out)``; fp32 0-dim tensor, ≥ 0.
+    """``‖α·δᵀx‖²_F`` for ``x`` ``(B, n_in)`` and ``delta`` ``(B, n_out)``; float64 0-dim tensor, ≥ 0.
 
     Any strides are accepted. CUDA tensors (or ``NUP_BACKEND=triton``) run the Triton kernel
     (the clamped sum of :func:`grad_norm_sq_partials`), others ``reference.grad_norm_sq_gram``.
