@@ -16,8 +16,10 @@ no host sync. Extreme but finite gradients take their step (issue #13): the part
 fp64 (the Gram and dW kernels write fp64 partials), ``coef`` is formed in fp64 (it may lie outside
 fp32's range: ``‖G‖`` runs from about 1e-45 to 1e42) and applied as an exact power of two times an
 fp32 factor (:mod:`nup_kernels.scaled_step`), so the step ``coef·G`` keeps fp32 accuracy without
-per-element fp64 arithmetic. float64 weights take the torch branch (float64 arithmetic). Each program writes its tile's ``⟨ΔW, C_old⟩`` to a partials row that the optimizer
-sums once per step (deterministic). A zero ``coef`` selects the old values with ``tl.where``, so W
+per-element fp64 arithmetic. float64 weights take the torch branch (float64 arithmetic).
+
+Each program writes its tile's ``⟨ΔW, C_old⟩`` to a partials row that the optimizer sums once per
+step (deterministic). A zero ``coef`` selects the old values with ``tl.where``, so W
 and C stay bit-identical even when G or δ hold NaN or Inf. The kernels update in place and run
 with pinned configs (never autotuned). :func:`apply_bias_update` does a bias's whole update
 (its gradient from δ included) in one single-program launch. :func:`apply_update` takes a given
