@@ -29,8 +29,8 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.runtime import autotuner, interpreter  # noqa: E402
 
-_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
-          torch.int32: "i32", torch.uint8: "u8", torch.bool: "i1"}  # fmt: skip
+_TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16",
+          torch.int64: "i64", torch.int32: "i32", torch.uint8: "u8", torch.bool: "i1"}  # fmt: skip
 #: fp32 matmul settings the dispatcher honours: "ieee" (TF32 off) and "tf32"
 PRECISIONS = {"ieee": "highest", "tf32": "high"}
 
@@ -158,6 +158,8 @@ def _layer_ops(dtype: torch.dtype, act: str, bias: bool, batch: int = 32, n_in: 
     linear_act.linear_act_backward_dw(dy, saved, x, 0.5, act, delta=delta)
     gram_norm.grad_norm_sq_gram(x, delta.to(dtype), 0.5)
     gram_norm.grad_norm_sq_partials(x, delta, 0.5)
+    for copies in (2, 3):  # batches 64 and 96: 64-row tiles, one tile and several
+        gram_norm.grad_norm_sq_partials(torch.cat([x] * copies), torch.cat([delta] * copies), 0.5)
     coef = torch.full((1,), -0.01)
     g_full = torch.randn(n_out, n_in, generator=g)
     c = torch.zeros_like(w)

@@ -92,6 +92,11 @@ def _block_b(batch: int) -> int:
     return max(16, min(64, triton.next_power_of_2(max(batch, 1))))
 
 
+def _warps(block_b: int) -> int:
+    """8 warps for 64-row tiles: two fp64 64×64 accumulators spill at 4 (sm_90, ``compile_check.py``)."""
+    return 8 if block_b >= 64 else 4
+
+
 def _chunking(n: int) -> tuple[int, int]:
     """``(chunk, n_chunks)``: chunks are multiples of the K block, at most ``_MAX_CHUNKS`` of them."""
     chunk = max(_BLOCK_K, triton.cdiv(triton.cdiv(max(n, 1), _MAX_CHUNKS), _BLOCK_K) * _BLOCK_K)
@@ -144,7 +149,7 @@ def grad_norm_sq_partials(
         batch, n_in, n_out,
         x.stride(0), x.stride(1), delta.stride(0), delta.stride(1),
         chunk_x, chunk_d, n_cd, float(alpha) ** 2,
-        BLOCK_B=block_b, BLOCK_K=_BLOCK_K, ONE_TILE=n_b == 1, num_warps=4,
+        BLOCK_B=block_b, BLOCK_K=_BLOCK_K, ONE_TILE=n_b == 1, num_warps=_warps(block_b),
     )  # fmt: skip
     return out
 
