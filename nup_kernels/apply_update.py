@@ -69,6 +69,8 @@ def _coefficient(g_sq_ptr, n_part, g_sq_scale, rates_ptr, index, PART_BLOCK: tl.
 def _apply_tile(
     g,
     coef,
+    hi,
+    lo,
     norm,
     w_ptr,
     c_ptr,
@@ -87,8 +89,8 @@ def _apply_tile(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Update the tile at ``(row0, col0)`` of W and C by ``coef·g`` (``coef`` fp64, ``g`` fp32); store its
-    ``⟨ΔW, C_old⟩`` partial.
+    """Update the tile at ``(row0, col0)`` of W and C by ``(g·hi)·lo`` (fp32; ``coef = hi·lo``, fp64, 0 keeps
+    every bit); store its ``⟨ΔW, C_old⟩`` partial.
 
     Base pointers are int64 (``row0``, ``col0``), offsets inside the tile int32.
     """
@@ -96,7 +98,6 @@ def _apply_tile(
     c = tl.arange(0, BLOCK_N)
     mask = ((row0 + r)[:, None] < n_out) & ((col0 + c)[None, :] < n_in)
     keep = coef == 0.0
-    hi, lo = split_coefficient(coef)
     step = (g * hi) * lo  # g·hi is exact (hi a power of two): coef·g with one rounding, for any fp64 coef
     w_ptrs = (w_ptr + row0 * stride_wm + col0 * stride_wn) + (r[:, None] * stride_wm + c[None, :] * stride_wn)
     c_ptrs = (c_ptr + row0 * stride_cm + col0 * stride_cn) + (r[:, None] * stride_cm + c[None, :] * stride_cn)
@@ -132,8 +133,9 @@ def _apply_materialized_kernel(
     g_ptrs = (g_ptr + row0 * stride_gm + col0 * stride_gn) + (r[:, None] * stride_gm + c[None, :] * stride_gn)
     g = tl.load(g_ptrs, mask=mask, other=0.0)
     coef, norm = _coefficient(g_sq_ptr, n_part, g_sq_scale, rates_ptr, index, PART_BLOCK)
+    hi, lo = split_coefficient(coef)
     _apply_tile(
-        g.to(tl.float32), coef, norm, w_ptr, c_ptr, d_norm_ptr, dot_ptr, index, row0, col0, n_out, n_in,
+        g.to(tl.float32), coef, hi, lo, norm, w_ptr, c_ptr, d_norm_ptr, dot_ptr, index, row0, col0, n_out, n_in,
         stride_wm, stride_wn, stride_cm, stride_cn, CUMULATIVE_IS_INIT, BLOCK_M, BLOCK_N,
     )
 
@@ -155,6 +157,8 @@ def _apply_small_batch_kernel(
     ks = tl.arange(0, BLOCK_K)
     d_base = d_ptr + row0 * stride_dm
     x_base = x_ptr + col0 * stride_xn
+    coef, norm = _coefficient(g_sq_ptr, n_part, g_sq_scale, rates_ptr, index, PART_BLOCK)
+    hi, lo = split_coefficient(coef)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, batch, BLOCK_K):
         kmask = k0 + ks < batch
@@ -168,15 +172,17 @@ def _apply_small_batch_kernel(
             mask=kmask[:, None] & col_mask[None, :],
             other=0.0,
         )
+        # δ·hi (exact): the recomputed tile is hi·δᵀx, at the step's scale rather than the gradient's, so a
+        # δ cast to a 16-bit dtype does not overflow or underflow with the gradient's scale
+        d = d.to(tl.float32) * hi
         if UPCAST:
-            d, x = d.to(tl.float32), x.to(tl.float32)
+            x = x.to(tl.float32)
         else:
             d = d.to(x.dtype)  # δ in the weight's dtype: a 16-bit dot runs on tensor cores, x is never upcast
         acc += tl.dot(tl.trans(d), x, input_precision=PREC)
-    g = (acc * alpha).to(tl.float32)  # alpha arrives as fp64 under torch.compile
-    coef, norm = _coefficient(g_sq_ptr, n_part, g_sq_scale, rates_ptr, index, PART_BLOCK)
+    g = (acc * alpha).to(tl.float32)  # hi·G; alpha arrives as fp64 under torch.compile
     _apply_tile(
-        g, coef, norm, w_ptr, c_ptr, d_norm_ptr, dot_ptr, index, row0, col0, n_out, n_in,
+        g, coef, 1.0, lo, norm, w_ptr, c_ptr, d_norm_ptr, dot_ptr, index, row0, col0, n_out, n_in,
         stride_wm, stride_wn, stride_cm, stride_cn, CUMULATIVE_IS_INIT, BLOCK_M, BLOCK_N,
     )
 

@@ -10,11 +10,15 @@ are symmetric, so an off-diagonal tile counts twice). One launch, no atomics: th
 ``torch.sum`` is deterministic, and it is clamped at 0 (rounding of a nearly vanishing ``‖G‖²``
 must not turn into NaN in ``sqrt``).
 
-Extreme but finite gradients (issue #13): the Gram tiles, their ``⟨·,·⟩`` and the partials are
-fp64 (the operands are upcast before an fp64 ``tl.dot``). An fp32 ``δ δᵀ`` overflows as soon as
-``δ`` holds entries near 1e19 (and underflows below about 1e-19), while in fp64 the product of any
-two finite fp32/bf16/fp16 values, and any realistic sum of them, stays in range: ``‖G‖²`` is right
-for any ``G`` whose entries are finite in fp32, and the step is never skipped for its scale.
+Extreme but finite gradients (issue #13): an fp32 ``δ δᵀ`` overflows as soon as ``δ`` holds entries
+near 1e19 (and underflows below about 1e-19). Each Gram tile is therefore accumulated on scaled
+operands: every ``BLOCK_B × BLOCK_K`` block of rows is multiplied by an exact power of two that
+brings the largest magnitude seen so far in those rows below 1 (a running scale, as in online
+softmax: when a later block is larger, the accumulator is rescaled by the exact ratio), so the
+tile stays in fp32's range and keeps its ``tl.dot`` on tensor cores. The two tiles' ``⟨·,·⟩`` is
+then unscaled in fp64 and the partials are fp64: ``‖G‖²`` is right for any ``G`` whose entries are
+finite in fp32 (up to about 1e42 in norm, down to fp32's least subnormal). (An fp64 ``tl.dot`` would
+do too, but Triton 3.6 fails to compile it from 16-bit operands on sm_90, and spills from fp32.)
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from __future__ import annotations
 import torch
 
 from nup_kernels import reference
-from nup_kernels.backend import check_inputs, fp32_dot_precision, tl, triton, use_triton
+from nup_kernels.backend import check_inputs, fp32_dot_precision, interpreter_active, tl, triton, use_triton
+from nup_kernels.scaled_step import pow2, pow2_64, unit_exponent
 
 #: ``tl.dot`` input precision for fp32 operands (kept under this name for the kernels that import it)
 dot_precision = fp32_dot_precision
@@ -31,30 +36,49 @@ _BLOCK_K = 64
 
 
 @triton.jit
+def _scaled(a, k, UPCAST: tl.constexpr):
+    """``a·2^k`` (exact), in fp32 under the interpreter, else in ``a``'s dtype for the dot."""
+    s = a.to(tl.float32) * pow2(k)
+    return s if UPCAST else s.to(a.dtype)
+
+
+@triton.jit
 def _gram_tile(
     a_ptr, stride_b, stride_k, rows_i, rows_j, B, k_lo, k_hi,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, ONE_TILE: tl.constexpr,
 ):  # fmt: skip
-    """Tile ``(rows_i, rows_j)`` of ``A[:, k_lo:k_hi] A[:, k_lo:k_hi]ᵀ`` in fp64 (operands upcast, fp64 dot).
+    """``(tile, k)``: tile ``(rows_i, rows_j)`` of ``A[:, k_lo:k_hi] A[:, k_lo:k_hi]ᵀ`` times ``2^k``, in fp32.
 
+    Rows ``i`` are scaled by ``2^k_i`` and rows ``j`` by ``2^k_j`` (``k = k_i + k_j``), exact powers of two
+    that keep the largest magnitude seen in those rows below 1; a block with a larger one lowers them
+    and rescales the accumulator (exactly; what underflows is below fp32's precision of the result).
     ``ONE_TILE`` (the batch fits one tile, so ``rows_i`` is ``rows_j``): the rows are loaded once.
     """
     mask_i = rows_i < B
     mask_j = rows_j < B
-    acc = tl.zeros((BLOCK_B, BLOCK_B), dtype=tl.float64)
+    acc = tl.zeros((BLOCK_B, BLOCK_B), dtype=tl.float32)
+    ki = tl.full((), 126, tl.int32)
+    kj = tl.full((), 126, tl.int32)
     ks = tl.arange(0, BLOCK_K)
     off_i = rows_i[:, None] * stride_b + ks[None, :] * stride_k
     off_j = rows_j[:, None] * stride_b + ks[None, :] * stride_k
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kmask = (k0 + ks) < k_hi
         base = a_ptr + k0 * stride_k
-        a = tl.load(base + off_i, mask=mask_i[:, None] & kmask[None, :], other=0.0).to(tl.float64)
+        a = tl.load(base + off_i, mask=mask_i[:, None] & kmask[None, :], other=0.0)
+        ki_new = tl.minimum(ki, unit_exponent(tl.max(tl.max(tl.abs(a.to(tl.float32)), axis=1), axis=0)))
         if ONE_TILE:
-            b = a
+            kj_new = ki_new
         else:
-            b = tl.load(base + off_j, mask=mask_j[:, None] & kmask[None, :], other=0.0).to(tl.float64)
-        acc += tl.dot(a, tl.trans(b), input_precision="ieee")
-    return acc
+            b = tl.load(base + off_j, mask=mask_j[:, None] & kmask[None, :], other=0.0)
+            kj_new = tl.minimum(kj, unit_exponent(tl.max(tl.max(tl.abs(b.to(tl.float32)), axis=1), axis=0)))
+        # shifts are ≤ 0 and each factor is a normal fp32 number: two steps reach 2^-252 (then acc is negligible)
+        acc = acc * pow2(tl.maximum(ki_new - ki, -126)) * pow2(tl.maximum(kj_new - kj, -126))
+        ki, kj = ki_new, kj_new
+        a = _scaled(a, ki, UPCAST)
+        b = a if ONE_TILE else _scaled(b, kj, UPCAST)
+        acc += tl.dot(a, tl.trans(b), input_precision=PREC)
+    return acc, ki + kj
 
 
 @triton.jit
@@ -63,7 +87,8 @@ def _gram_norm_kernel(
     B, n_in, n_out,
     stride_xb, stride_xk, stride_db, stride_dk,
     chunk_x, chunk_d, n_chunks_d, scale,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    ONE_TILE: tl.constexpr,
 ):  # fmt: skip
     """Grid ``(n_b, n_b, n_chunks_x · n_chunks_d)``; ``scale·⟨X_c, D_e⟩`` of tile ``(pi, pj)`` per program (fp64)."""
     pi = tl.program_id(0)
@@ -79,22 +104,18 @@ def _gram_norm_kernel(
         rows_i = pi * BLOCK_B + tl.arange(0, BLOCK_B)
         rows_j = pj * BLOCK_B + tl.arange(0, BLOCK_B)
         x_lo = c * chunk_x
-        gx = _gram_tile(x_ptr, stride_xb, stride_xk, rows_i, rows_j, B, x_lo, tl.minimum(x_lo + chunk_x, n_in),
-                        BLOCK_B, BLOCK_K, ONE_TILE)  # fmt: skip
+        gx, kx = _gram_tile(x_ptr, stride_xb, stride_xk, rows_i, rows_j, B, x_lo,
+                            tl.minimum(x_lo + chunk_x, n_in), BLOCK_B, BLOCK_K, PREC, UPCAST, ONE_TILE)  # fmt: skip
         d_lo = e * chunk_d
-        gd = _gram_tile(d_ptr, stride_db, stride_dk, rows_i, rows_j, B, d_lo, tl.minimum(d_lo + chunk_d, n_out),
-                        BLOCK_B, BLOCK_K, ONE_TILE)  # fmt: skip
+        gd, kd = _gram_tile(d_ptr, stride_db, stride_dk, rows_i, rows_j, B, d_lo,
+                            tl.minimum(d_lo + chunk_d, n_out), BLOCK_B, BLOCK_K, PREC, UPCAST, ONE_TILE)  # fmt: skip
         weight = tl.where(pj > pi, 2.0, 1.0) * tl.cast(scale, tl.float64)
-        tl.store(partials_ptr + slot, weight * tl.sum(gx * gd))
+        # entries of gx, gd are below chunk·(1)²: their ⟨·,·⟩ fits fp32; unscaled by 2^-(kx+kd) (|kx+kd| ≤ 504) in fp64
+        tl.store(partials_ptr + slot, weight * tl.sum(gx * gd).to(tl.float64) * pow2_64(-(kx + kd)))
 
 
 def _block_b(batch: int) -> int:
     return max(16, min(64, triton.next_power_of_2(max(batch, 1))))
-
-
-def _warps(block_b: int) -> int:
-    """8 warps for 64-row tiles: two fp64 64×64 accumulators spill at 4 (sm_90, ``compile_check.py``)."""
-    return 8 if block_b >= 64 else 4
 
 
 def _chunking(n: int) -> tuple[int, int]:
@@ -149,7 +170,8 @@ def grad_norm_sq_partials(
         batch, n_in, n_out,
         x.stride(0), x.stride(1), delta.stride(0), delta.stride(1),
         chunk_x, chunk_d, n_cd, float(alpha) ** 2,
-        BLOCK_B=block_b, BLOCK_K=_BLOCK_K, ONE_TILE=n_b == 1, num_warps=_warps(block_b),
+        BLOCK_B=block_b, BLOCK_K=_BLOCK_K, PREC=fp32_dot_precision(), UPCAST=interpreter_active(),
+        ONE_TILE=n_b == 1, num_warps=4,
     )  # fmt: skip
     return out
 

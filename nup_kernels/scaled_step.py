@@ -7,6 +7,9 @@ does: ``‖D‖`` of a finite fp32 tensor lies between about 1e-45 (one subnorma
 factor ``lo``: ``step = (D·hi)·lo``. ``D·hi`` is exact (it cannot overflow: ``|D·hi| ≤ |coef·D|``,
 an entry of a step whose norm is below ``MAX_STEP``), so the step is rounded once, as a plain fp32
 ``coef·D`` would be when ``coef`` is representable. No per-element fp64 arithmetic is needed.
+
+The same exact power-of-two scaling keeps the fp32 (tensor-core) Gram tiles of
+:mod:`nup_kernels.gram_norm` in range (:func:`unit_exponent`, :func:`pow2`).
 """
 
 from __future__ import annotations
@@ -23,15 +26,33 @@ _LEAST, _MAX, _MAX_STEP = (tl.constexpr(v) for v in (LEAST_SUBNORMAL, FP32_MAX, 
 
 
 @triton.jit
+def pow2(k):
+    """``2^k`` in fp32 for an integer ``k`` in ``[-126, 127]``, built from its bits (exact)."""
+    return ((k + 127) << 23).to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def pow2_64(k):
+    """``2^k`` in fp64 for an integer ``k`` in ``[-1022, 1023]``, built from its bits (exact)."""
+    return ((k.to(tl.int64) + 1023) << 52).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def unit_exponent(m):
+    """The integer ``k`` in ``[-126, 126]`` with ``m·2^k < 1`` and, unless clamped, ``≥ 1/2``, for an fp32 ``m ≥ 0``
+    (a max of absolute values): scaling by ``2^k`` brings values at most ``m`` into ``[0, 1)``, exactly."""
+    e = ((m.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # m's binary exponent (-127 for 0 and subnormals)
+    return tl.minimum(tl.maximum(-(e + 1), -126), 126)
+
+
+@triton.jit
 def split_coefficient(coef):
     """``(hi, lo)`` in fp32 for an fp64 ``coef``: ``hi = 2^k`` with ``k`` clamped to ``[-126, 127]`` and
     ``lo = coef/2^k`` rounded to fp32, so ``(x·hi)·lo`` is ``coef·x`` with one rounding. ``coef = 0`` gives
     ``lo = 0``."""
     bits = coef.to(tl.int64, bitcast=True)
     k = tl.minimum(tl.maximum(((bits >> 52) & 0x7FF) - 1023, -126), 127)  # coef's binary exponent, clamped
-    hi = ((k + 127) << 23).to(tl.int32).to(tl.float32, bitcast=True)
-    lo = (coef * ((1023 - k) << 52).to(tl.float64, bitcast=True)).to(tl.float32)
-    return hi, lo
+    return pow2(k), (coef * pow2_64(-k)).to(tl.float32)
 
 
 @triton.jit

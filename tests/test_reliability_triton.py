@@ -199,10 +199,11 @@ def test_gram_norm_and_dw_partials_of_extreme_gradients(scale):
     x, delta = torch.randn(20, 70), torch.randn(20, 33) * scale  # G = α·δᵀx: entries up to ~1e31, or ~1e-30
     g = 0.5 * (delta.double().t() @ x.double())
     exact = g.square().sum()
-    for out in (grad_norm_sq_partials(x, delta, 0.5).sum(), grad_norm_sq_gram(x, delta, 0.5),
-                reference.grad_norm_sq_gram(x, delta, 0.5)):  # fmt: skip
+    # the kernel: fp32 tiles of exactly scaled operands (fp32 accuracy), fp64 partials; the oracle: float64
+    for out, rtol in ((grad_norm_sq_partials(x, delta, 0.5).sum(), 1e-5), (grad_norm_sq_gram(x, delta, 0.5), 1e-5),
+                      (reference.grad_norm_sq_gram(x, delta, 0.5), 1e-10)):  # fmt: skip
         assert out.dtype == torch.float64
-        torch.testing.assert_close(out, exact, rtol=1e-10, atol=0)
+        torch.testing.assert_close(out, exact, rtol=rtol, atol=0)
     # the materialized dW kernel: δ given, its ‖G‖² from fp64 partials of the fp32 G
     y, saved = linear_act_forward(x, torch.randn(33, 70), None, 0.5, 1.0, "identity")
     gk, g_sq = linear_act_backward_dw(delta, saved, x, 0.5, "identity", delta=delta)
@@ -210,6 +211,24 @@ def test_gram_norm_and_dw_partials_of_extreme_gradients(scale):
     torch.testing.assert_close(g_sq, exact, rtol=1e-5, atol=0)  # the fp32 G rounds each entry
     _, ref_sq = reference.linear_act_backward_dw(delta, x, 0.5)
     torch.testing.assert_close(ref_sq, exact, rtol=1e-5, atol=0)
+
+
+def test_gram_norm_rescales_across_feature_blocks_and_row_tiles():
+    """The Gram tiles' running power-of-two scale: feature blocks 1e40 apart (more than one 2^126 shift), and
+    row tiles (batch 96: two 64-row tiles) 1e48 apart, over several feature chunks; G stays finite in fp32."""
+    x, delta = torch.randn(96, 900), torch.randn(96, 130)
+    x[:, :64] *= 1e-30  # the first K block of the first chunk is tiny, later ones are large
+    x[:, 600:] *= 1e10
+    delta[:64] *= 1e20
+    delta[64:] *= 1e-28
+    exact = (0.5 * (delta.double().t() @ x.double())).square().sum()
+    torch.testing.assert_close(grad_norm_sq_partials(x, delta, 0.5).sum(), exact, rtol=1e-5, atol=0)
+    # and a tile whose only non-zero block comes last, after all-zero ones
+    x0 = torch.zeros(20, 300)
+    x0[:, 250:] = torch.randn(20, 50) * 1e20
+    d0 = torch.randn(20, 130)
+    exact0 = (d0.double().t() @ x0.double()).square().sum()
+    torch.testing.assert_close(grad_norm_sq_gram(x0, d0, 1.0), exact0, rtol=1e-5, atol=0)
 
 
 def _apply(backend, monkeypatch, w, c, g_sq, rates, **kw):
