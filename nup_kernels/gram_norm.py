@@ -118,6 +118,12 @@ def _block_b(batch: int) -> int:
     return max(16, min(64, triton.next_power_of_2(max(batch, 1))))
 
 
+def _launch_config(block_b: int) -> tuple[int, int]:
+    """``(BLOCK_K, num_warps)``: 64-row tiles take 32-wide K blocks and 8 warps, as with their running scales two
+    64×64 tiles of distinct rows spill at 64 and 4 (sm_90, Triton 3.6 and 3.9: ``benchmarks/compile_check.py``)."""
+    return (32, 8) if block_b >= 64 else (_BLOCK_K, 4)
+
+
 def _chunking(n: int) -> tuple[int, int]:
     """``(chunk, n_chunks)``: chunks are multiples of the K block, at most ``_MAX_CHUNKS`` of them."""
     chunk = max(_BLOCK_K, triton.cdiv(triton.cdiv(max(n, 1), _MAX_CHUNKS), _BLOCK_K) * _BLOCK_K)
@@ -163,6 +169,7 @@ def grad_norm_sq_partials(
     if batch == 0 or n_in == 0 or n_out == 0:
         return out.zero_()
     block_b = _block_b(batch)
+    block_k, warps = _launch_config(block_b)
     n_b = triton.cdiv(batch, block_b)
     (chunk_x, n_cx), (chunk_d, n_cd) = _chunking(n_in), _chunking(n_out)
     _gram_norm_kernel[(n_b, n_b, n_cx * n_cd)](
@@ -170,8 +177,8 @@ def grad_norm_sq_partials(
         batch, n_in, n_out,
         x.stride(0), x.stride(1), delta.stride(0), delta.stride(1),
         chunk_x, chunk_d, n_cd, float(alpha) ** 2,
-        BLOCK_B=block_b, BLOCK_K=_BLOCK_K, PREC=fp32_dot_precision(), UPCAST=interpreter_active(),
-        ONE_TILE=n_b == 1, num_warps=4,
+        BLOCK_B=block_b, BLOCK_K=block_k, PREC=fp32_dot_precision(), UPCAST=interpreter_active(),
+        ONE_TILE=n_b == 1, num_warps=warps,
     )  # fmt: skip
     return out
 
