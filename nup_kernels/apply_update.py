@@ -45,7 +45,7 @@ UPDATE_PATHS = ("small_batch", "materialized")
 #: in bf16 on an H200); fp32 without TF32 runs tl.dot far slower, hence the lower bound.
 SMALL_BATCH_MAX = {2: 256, 4: 64}
 
-_MATERIALIZED = {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 4}
+_MATERIALIZED = {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 8}
 _SMALL_BATCH = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8}
 _MAX_STEP = 1.844674352395373e19  # √(fp32 max), nup.step_core.MAX_STEP: a larger step overflows ‖ΔP‖²
 _PART_BLOCK = 16  # ‖G‖² partials summed per loop step inside the apply kernels
@@ -66,17 +66,20 @@ def _coefficient(g_sq_ptr, n_part, g_sq_scale, rates_ptr, index, PART_BLOCK: tl.
 
 
 @triton.jit
+def _record_norm(d_norm_ptr, index, norm):
+    """Program ``(0, 0)`` writes the recorded ``‖G‖`` (early: the register is free for the tile)."""
+    if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+        tl.store(d_norm_ptr + index, norm)
+
+
+@triton.jit
 def _apply_tile(
     g,
-    coef,
-    hi,
+    keep,
     lo,
-    norm,
     w_ptr,
     c_ptr,
-    d_norm_ptr,
     dot_ptr,
-    index,
     row0,
     col0,
     n_out,
@@ -89,16 +92,15 @@ def _apply_tile(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Update the tile at ``(row0, col0)`` of W and C by ``(g·hi)·lo`` (fp32; ``coef = hi·lo``, fp64, 0 keeps
-    every bit); store its ``⟨ΔW, C_old⟩`` partial.
+    """Update the tile at ``(row0, col0)`` of W and C by ``g·lo``, where ``g`` is the tile of ``hi·G`` and
+    ``coef = hi·lo`` (``keep``: ``coef`` is 0, W and C keep every bit); store its ``⟨ΔW, C_old⟩`` partial.
 
     Base pointers are int64 (``row0``, ``col0``), offsets inside the tile int32.
     """
     r = tl.arange(0, BLOCK_M)
     c = tl.arange(0, BLOCK_N)
     mask = ((row0 + r)[:, None] < n_out) & ((col0 + c)[None, :] < n_in)
-    keep = coef == 0.0
-    step = (g * hi) * lo  # g·hi is exact (hi a power of two): coef·g with one rounding, for any fp64 coef
+    step = g * lo  # hi·G was exact (hi a power of two): coef·G with one rounding, for any fp64 coef
     w_ptrs = (w_ptr + row0 * stride_wm + col0 * stride_wn) + (r[:, None] * stride_wm + c[None, :] * stride_wn)
     c_ptrs = (c_ptr + row0 * stride_cm + col0 * stride_cn) + (r[:, None] * stride_cm + c[None, :] * stride_cn)
     w = tl.load(w_ptrs, mask=mask, other=0.0)
@@ -111,8 +113,6 @@ def _apply_tile(
     dot = tl.where(keep, 0.0, tl.where(mask, step * c_old, 0.0))
     slot = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
     tl.store(dot_ptr + slot, tl.sum(dot))
-    if slot == 0:
-        tl.store(d_norm_ptr + index, norm)
     tl.store(w_ptrs, tl.where(keep, w, (w32 + step).to(w.dtype)), mask=mask)
     if not CUMULATIVE_IS_INIT:
         tl.store(c_ptrs, tl.where(keep, cu, (c_old + step).to(cu.dtype)), mask=mask)
@@ -130,12 +130,13 @@ def _apply_materialized_kernel(
     r = tl.arange(0, BLOCK_M)
     c = tl.arange(0, BLOCK_N)
     mask = ((row0 + r)[:, None] < n_out) & ((col0 + c)[None, :] < n_in)
+    coef, norm = _coefficient(g_sq_ptr, n_part, g_sq_scale, rates_ptr, index, PART_BLOCK)
+    _record_norm(d_norm_ptr, index, norm)
+    hi, lo = split_coefficient(coef)
     g_ptrs = (g_ptr + row0 * stride_gm + col0 * stride_gn) + (r[:, None] * stride_gm + c[None, :] * stride_gn)
     g = tl.load(g_ptrs, mask=mask, other=0.0)
-    coef, norm = _coefficient(g_sq_ptr, n_part, g_sq_scale, rates_ptr, index, PART_BLOCK)
-    hi, lo = split_coefficient(coef)
     _apply_tile(
-        g.to(tl.float32), coef, hi, lo, norm, w_ptr, c_ptr, d_norm_ptr, dot_ptr, index, row0, col0, n_out, n_in,
+        g.to(tl.float32) * hi, coef == 0.0, lo, w_ptr, c_ptr, dot_ptr, row0, col0, n_out, n_in,
         stride_wm, stride_wn, stride_cm, stride_cn, CUMULATIVE_IS_INIT, BLOCK_M, BLOCK_N,
     )
 
@@ -158,7 +159,11 @@ def _apply_small_batch_kernel(
     d_base = d_ptr + row0 * stride_dm
     x_base = x_ptr + col0 * stride_xn
     coef, norm = _coefficient(g_sq_ptr, n_part, g_sq_scale, rates_ptr, index, PART_BLOCK)
+    _record_norm(d_norm_ptr, index, norm)
     hi, lo = split_coefficient(coef)
+    # a 16-bit x: δ is cast to its dtype for the dot, so hi is folded into δ first (exact): the recomputed tile
+    # is hi·δᵀx, at the step's scale rather than the gradient's, and δ does not overflow or underflow there
+    DELTA_HI: tl.constexpr = x_ptr.dtype.element_ty != tl.float32
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, batch, BLOCK_K):
         kmask = k0 + ks < batch
@@ -172,17 +177,18 @@ def _apply_small_batch_kernel(
             mask=kmask[:, None] & col_mask[None, :],
             other=0.0,
         )
-        # δ·hi (exact): the recomputed tile is hi·δᵀx, at the step's scale rather than the gradient's, so a
-        # δ cast to a 16-bit dtype does not overflow or underflow with the gradient's scale
-        d = d.to(tl.float32) * hi
+        if DELTA_HI:
+            d = d.to(tl.float32) * hi
         if UPCAST:
-            x = x.to(tl.float32)
+            d, x = d.to(tl.float32), x.to(tl.float32)
         else:
             d = d.to(x.dtype)  # δ in the weight's dtype: a 16-bit dot runs on tensor cores, x is never upcast
         acc += tl.dot(tl.trans(d), x, input_precision=PREC)
-    g = (acc * alpha).to(tl.float32)  # hi·G; alpha arrives as fp64 under torch.compile
+    g = (acc * alpha).to(tl.float32)  # alpha arrives as fp64 under torch.compile
+    if not DELTA_HI:
+        g = g * hi
     _apply_tile(
-        g, coef, 1.0, lo, norm, w_ptr, c_ptr, d_norm_ptr, dot_ptr, index, row0, col0, n_out, n_in,
+        g, coef == 0.0, lo, w_ptr, c_ptr, dot_ptr, row0, col0, n_out, n_in,
         stride_wm, stride_wn, stride_cm, stride_cn, CUMULATIVE_IS_INIT, BLOCK_M, BLOCK_N,
     )
 
