@@ -6,8 +6,9 @@ Shapes: ``x`` is ``(B, n_in)``, ``weight`` ``(n_out, n_in)``, ``bias`` ``(n_out,
 pre-activation ``h``; no other tensor is stored. The backward kernels recompute
 ``δ = dy ⊙ φ'`` in their prologue. Matmuls accumulate in fp32; activations run in fp32.
 Reductions (``‖G‖²``, ``db``) write per-program partials summed in a second stage, so
-every result is deterministic; ``‖G‖²``'s partials are fp64 (the square of any finite fp32 entry
-of ``G`` fits, so an extreme but finite gradient gets a finite, non-zero norm: issue #13).
+every result is deterministic; ``‖G‖²``'s partials are fp64, each the fp32 sum of squares of its
+tile scaled by an exact power of two, unscaled in fp64 (so an extreme but finite gradient gets a
+finite, non-zero norm: issue #13).
 
 CUDA tensors run the Triton kernels, CPU tensors the reference ops of
 :mod:`nup_kernels.reference` (see :func:`nup_kernels.backend.use_triton`). The kernels are
@@ -24,6 +25,7 @@ import torch
 
 from nup_kernels.activations import GELU, LINEAR_ABS, TANH, Activation, get_activation
 from nup_kernels.backend import check_inputs, fp32_dot_precision, interpreter_active, tl, triton, use_triton
+from nup_kernels.scaled_step import pow2, pow2_64, unit_exponent
 
 _INTERPRET = interpreter_active()
 # Globals read inside kernels must be constexpr.
@@ -262,8 +264,8 @@ def _linear_act_bwd_dw_kernel(
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """One ``(BLOCK_N, BLOCK_K)`` tile of ``G = α·δᵀ x`` (fp32) and its ``‖tile‖²`` partial (fp64); δ cast to x's
-    dtype."""
+    """One ``(BLOCK_N, BLOCK_K)`` tile of ``G = α·δᵀ x`` (fp32) and its ``‖tile‖²`` partial (fp64, exact scaling);
+    δ cast to x's dtype."""
     pid, pid_n, pid_k = _tile_ids(N, K, BLOCK_N, BLOCK_K, GROUP)
     n0 = pid_n * BLOCK_N
     k0 = pid_k * BLOCK_K
@@ -296,8 +298,12 @@ def _linear_act_bwd_dw_kernel(
     mask = n_ok[:, None] & k_ok[None, :]
     tl.store(g_ptr + n0 * stride_gn + k0 * stride_gk + (rn[:, None] * stride_gn + rk[None, :] * stride_gk), g,
              mask=mask)  # fmt: skip
-    g64 = tl.where(mask, g, 0.0).to(tl.float64)  # fp64: ‖G‖² of any G with finite fp32 entries
-    tl.store(partial_ptr + pid, tl.sum(tl.sum(g64 * g64, axis=1), axis=0))
+    # ‖tile‖² of any finite fp32 tile: squares of the tile scaled by an exact power of two 2^k (its largest
+    # magnitude below 1) sum in fp32 without overflow, and 2^-2k is applied in fp64
+    g = tl.where(mask, g, 0.0)
+    k = unit_exponent(tl.max(tl.max(tl.abs(g), axis=1), axis=0))
+    s = g * pow2(k)
+    tl.store(partial_ptr + pid, tl.sum(tl.sum(s * s, axis=1), axis=0).to(tl.float64) * pow2_64(-2 * k))
 
 
 @triton.jit
