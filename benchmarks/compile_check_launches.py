@@ -30,8 +30,8 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.runtime import autotuner, interpreter  # noqa: E402
 
-_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
-          torch.int32: "i32", torch.uint8: "u8", torch.bool: "i1", torch.float64: "fp64"}  # fmt: skip
+_TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16",
+          torch.int64: "i64", torch.int32: "i32", torch.uint8: "u8", torch.bool: "i1"}  # fmt: skip
 #: fp32 matmul settings the dispatcher honours: "ieee" (TF32 off) and "tf32"
 PRECISIONS = {"ieee": "highest", "tf32": "high"}
 
@@ -140,7 +140,7 @@ def _constexpr_json(value: Any) -> Any:
 
 def _layer_ops(dtype: torch.dtype, act: str, bias: bool, batch: int = 32, n_in: int = 48, n_out: int = 64) -> None:
     """Every public launcher of one layer: forward, δ, dx, dW (δ recomputed and given), bias grad, Gram norm,
-    apply (both paths), multi-tensor."""
+    apply (both paths and the bias), multi-tensor."""
     from nup_kernels import apply_update, gram_norm, linear_act, multi_tensor
 
     g = torch.Generator().manual_seed(0)
@@ -159,6 +159,8 @@ def _layer_ops(dtype: torch.dtype, act: str, bias: bool, batch: int = 32, n_in: 
     linear_act.linear_act_backward_dw(dy, saved, x, 0.5, act, delta=delta)
     gram_norm.grad_norm_sq_gram(x, delta.to(dtype), 0.5)
     gram_norm.grad_norm_sq_partials(x, delta, 0.5)
+    for copies in (2, 3):  # batches 64 and 96: 64-row tiles, one tile and several
+        gram_norm.grad_norm_sq_partials(torch.cat([x] * copies), torch.cat([delta] * copies), 0.5)
     coef = torch.full((1,), -0.01)
     g_full = torch.randn(n_out, n_in, generator=g)
     c = torch.zeros_like(w)
@@ -167,6 +169,10 @@ def _layer_ops(dtype: torch.dtype, act: str, bias: bool, batch: int = 32, n_in: 
     apply_update.apply_update(w, c, coef, x=x, delta=delta.to(dtype), alpha=0.5)
     if dtype == torch.float32:
         apply_update.apply_update(w, w.clone(), coef, grad=g_full, cumulative_is_init=True)
+    if bias:
+        rates = torch.tensor([[0.1, 0.0]])
+        apply_update.apply_bias_update(b, torch.zeros_like(b), delta, 1.0, 0, rates=rates,
+                                       d_norm_out=torch.zeros(1), dot_out=torch.zeros(1))
     ds = [torch.randn(n_out, n_in, generator=g).to(dtype), torch.randn(n_out, generator=g).to(dtype)]
     cs = [torch.randn_like(d) for d in ds]
     multi_tensor.multi_tensor_reduce(ds, cs)

@@ -9,7 +9,7 @@ What runs where:
 - **FSDP2 / DTensor** (:func:`fully_shard_model`, or any DTensor parameters): each rank holds a
   shard of ``P``, of its gradient and of ``C`` (made by ``zeros_like(P)``, so sharded like ``P``).
   :class:`ShardedStats` computes every tensor's partial ``‖D‖²``, ``⟨D, C⟩`` and ``‖C‖²`` on the
-  local shards, packs them into one fp32 ``[3, n]`` tensor, all-reduces it once per step over the
+  local shards, packs them into one float64 ``[3, n]`` tensor, all-reduces it once per step over the
   mesh dimensions the tensors are sharded on (replicated dimensions are left out), and applies the
   update to the local shards. ``‖C‖`` is then exact at every step.
 """
@@ -222,7 +222,7 @@ class ShardedStats:
     def reduce(
         self, directions: Sequence[torch.Tensor], cumulatives: Sequence[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Global ``‖D‖²``, ``⟨D, C⟩`` and ``‖C‖²`` per tensor, fp32 ``[n]`` each.
+        """Global ``‖D‖²``, ``⟨D, C⟩`` and ``‖C‖²`` per tensor, float64 ``[n]`` each (accumulated in fp64).
 
         ``⟨D, C⟩`` is set to 0 where ``D`` is not finite (that tensor's step is skipped).
         """

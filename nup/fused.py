@@ -196,12 +196,17 @@ class _LayerUpdate:
             fused.file_host(self.index_b, b_norm, _step_cpu(layer.bias, c_b, db, coef, 1.0, b_norm, init))
 
     def _update_kernels(self, layer, x, dy, saved, delta, c_w, c_b, init: bool) -> None:
-        """Triton (CUDA, or the interpreter) and the oracle: ‖G‖² partials, then one apply launch with
-        the coefficient formed inside; the bias in one launch of its own."""
+        """Triton (CUDA, or the interpreter) and the oracle: ‖G‖² partials (fp64), then one apply launch with
+        the coefficient formed inside (fp64, applied as an exact power of two times an fp32 factor, so
+        an extreme but finite G takes its step); the bias in one launch of its own. float64 layers run
+        torch ops in float64 (G, ‖G‖ and the update), as the kernels are 16/32-bit."""
         b, w, alpha = self.fused.buffers, layer.weight, layer.alpha
         out = dict(rates=b["rates"], d_norm_out=b["d_norm"], cumulative_is_init=init)
         path = choose_update_path(x.shape[0], w.shape[0], w.shape[1], w.dtype, w.device)
-        if path == "small_batch" and use_triton(x) and x.shape[0] > 0:
+        if torch.float64 in (w.dtype, x.dtype, delta.dtype):  # the float64 route: G materialized in float64
+            grad = (delta.double().t() @ x.double()).mul_(alpha)
+            g_sq = torch.linalg.vector_norm(grad).square().reshape(1)
+        elif path == "small_batch" and use_triton(x) and x.shape[0] > 0:
             grad, g_sq = None, self._gram_partials(x, delta, alpha)
         elif path == "small_batch":
             grad, g_sq = None, grad_norm_sq_gram(x, delta, alpha).reshape(1)
@@ -221,9 +226,12 @@ class _LayerUpdate:
             )
 
     def _gram_partials(self, x: torch.Tensor, delta: torch.Tensor, alpha: float) -> torch.Tensor:
-        """``‖G‖²`` as fp32 per-program partials of the Gram kernel, in one launch into a reused buffer."""
+        """``‖G‖²`` as float64 per-program partials of the Gram kernel, in one launch into a reused buffer."""
         size = gram_norm.grad_norm_sq_partials_size(x.shape[0], x.shape[1], delta.shape[1])
-        return gram_norm.grad_norm_sq_partials(x, delta, alpha, out=self.buffer("gram", (size,), x))
+        out = self.scratch.get("gram")
+        if out is None or out.shape != (size,) or out.device != x.device or out.dtype != torch.float64:
+            out = self.scratch["gram"] = torch.zeros(size, dtype=torch.float64, device=x.device)
+        return gram_norm.grad_norm_sq_partials(x, delta, alpha, out=out)
 
 
 #: fp32 sums of squares inside these bounds are exact to rounding (no overflow, no underflow)

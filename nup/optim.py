@@ -516,8 +516,8 @@ class NuP(torch.optim.Optimizer):
         packed = sharded is not None or (use_triton(act_params[0]) and not init_mode and not wide)
         host = _host_readable(act_params[0]) and not torch.compiler.is_compiling()  # no host reads in a graph
         if packed:
-            d_sq, dc, c_sq = reduce(directions, cumulatives)
-            d_norm = d_sq.sqrt()
+            d_sq, dc, c_sq = reduce(directions, cumulatives)  # float64 sums: any finite non-zero D gets its step
+            d_norm = d_sq.sqrt()  # float64, so coef (possibly beyond fp32's range) is too; the apply takes it
         else:
             d_norm = direction_norms(directions, host)  # float64: any finite non-zero D gets its step
         if bad is not None:  # a sanitized non-finite gradient: skip, even though the base still moved
@@ -528,7 +528,7 @@ class NuP(torch.optim.Optimizer):
         if packed:
             apply(act_params, directions, cumulatives, coef)
             dc = torch.where(ok, dc, 0.0)  # a skipped tensor's ⟨D, C⟩ may be NaN
-            c_norm_old, exact = c_sq.sqrt(), None
+            c_norm_old, exact = c_sq.sqrt().float(), None
         else:
             directions = list(directions)
             ok, coef, u = representable(directions, ok, coef, u, host)

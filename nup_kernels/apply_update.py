@@ -12,8 +12,14 @@ Two kernels, one pass over the W and C tiles each:
 
 The coefficient ``coef = −η·s/‖G‖`` is formed inside the kernel from the ``‖G‖²`` partials and
 the per-step rate table (:func:`apply_normalized_update`), so a layer's update is one launch and
-no host sync. Each program writes its tile's ``⟨ΔW, C_old⟩`` to a partials row that the optimizer
-sums once per step (deterministic). A zero ``coef`` selects the old values with ``tl.where``, so W
+no host sync. Extreme but finite gradients take their step (issue #13): the partials are summed in
+fp64 (the Gram and dW kernels write fp64 partials), ``coef`` is formed in fp64 (it may lie outside
+fp32's range: ``‖G‖`` runs from about 1e-45 to 1e42) and applied as an exact power of two times an
+fp32 factor (:mod:`nup_kernels.scaled_step`), so the step ``coef·G`` keeps fp32 accuracy without
+per-element fp64 arithmetic. float64 weights take the torch branch (float64 arithmetic).
+
+Each program writes its tile's ``⟨ΔW, C_old⟩`` to a partials row that the optimizer sums once per
+step (deterministic). A zero ``coef`` selects the old values with ``tl.where``, so W
 and C stay bit-identical even when G or δ hold NaN or Inf. The kernels update in place and run
 with pinned configs (never autotuned). :func:`apply_bias_update` does a bias's whole update
 (its gradient from δ included) in one single-program launch. :func:`apply_update` takes a given
@@ -30,6 +36,7 @@ import torch
 from nup_kernels import reference
 from nup_kernels.backend import check_inputs, interpreter_active, requested_backend, tl, triton, use_triton
 from nup_kernels.gram_norm import dot_precision
+from nup_kernels.scaled_step import FP32_MAX, LEAST_SUBNORMAL, normalized_coefficient, split_coefficient
 
 UPDATE_PATHS = ("small_batch", "materialized")
 #: Largest batch for which ``choose_update_path`` picks the small-batch kernel, by element size.
@@ -38,7 +45,7 @@ UPDATE_PATHS = ("small_batch", "materialized")
 #: in bf16 on an H200); fp32 without TF32 runs tl.dot far slower, hence the lower bound.
 SMALL_BATCH_MAX = {2: 256, 4: 64}
 
-_MATERIALIZED = {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 4}
+_MATERIALIZED = {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 8}
 _SMALL_BATCH = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8}
 _MAX_STEP = 1.844674352395373e19  # √(fp32 max), nup.step_core.MAX_STEP: a larger step overflows ‖ΔP‖²
 _PART_BLOCK = 16  # ‖G‖² partials summed per loop step inside the apply kernels
@@ -46,32 +53,33 @@ _PART_BLOCK = 16  # ‖G‖² partials summed per loop step inside the apply ker
 
 @triton.jit
 def _coefficient(g_sq_ptr, n_part, g_sq_scale, rates_ptr, index, PART_BLOCK: tl.constexpr):
-    """``(coef, ‖G‖)``: ``‖G‖² = g_sq_scale·Σ partials`` (clamped at 0), ``coef = −(rates[i,0]/‖G‖ + rates[i,1])``,
-    or 0 when ``‖G‖`` is 0 or not finite."""
-    acc = tl.zeros((PART_BLOCK,), dtype=tl.float32)
+    """``(coef, ‖G‖)``: ``‖G‖² = g_sq_scale·Σ partials`` in fp64 (clamped at 0), ``coef = −(rates[i,0]/‖G‖ +
+    rates[i,1])`` in fp64, or 0 to skip (see ``normalized_coefficient``); ``‖G‖`` as recorded (fp32)."""
+    acc = tl.zeros((PART_BLOCK,), dtype=tl.float64)
     for p0 in range(0, n_part, PART_BLOCK):
         offs = p0 + tl.arange(0, PART_BLOCK)
-        acc += tl.load(g_sq_ptr + offs, mask=offs < n_part, other=0.0).to(tl.float32)
-    g_sq = tl.maximum((tl.sum(acc) * g_sq_scale).to(tl.float32), 0.0)  # scale: fp64 under torch.compile
-    norm = tl.sqrt(g_sq)
-    a = tl.load(rates_ptr + 2 * index).to(tl.float32)
-    b = tl.load(rates_ptr + 2 * index + 1).to(tl.float32)
-    u = a + b * norm  # the step's norm; NaN, negative or >= MAX_STEP (a bad lr or λ) skips, as on every path
-    ok = (norm > 0.0) & (norm < float("inf")) & (u >= 0.0) & (u < 1.844674352395373e19)  # False for NaN too
-    coef = tl.where(ok, -(a / tl.where(ok, norm, 1.0) + b), 0.0)
-    return coef, norm
+        acc += tl.load(g_sq_ptr + offs, mask=offs < n_part, other=0.0).to(tl.float64)  # fp64 or fp32 partials
+    g_sq = tl.maximum(tl.sum(acc) * tl.cast(g_sq_scale, tl.float64), 0.0)
+    a = tl.load(rates_ptr + 2 * index)
+    b = tl.load(rates_ptr + 2 * index + 1)
+    return normalized_coefficient(tl.sqrt(g_sq), a, b)
+
+
+@triton.jit
+def _record_norm(d_norm_ptr, index, norm):
+    """Program ``(0, 0)`` writes the recorded ``‖G‖`` (early: the register is free for the tile)."""
+    if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+        tl.store(d_norm_ptr + index, norm)
 
 
 @triton.jit
 def _apply_tile(
     g,
-    coef,
-    norm,
+    keep,
+    lo,
     w_ptr,
     c_ptr,
-    d_norm_ptr,
     dot_ptr,
-    index,
     row0,
     col0,
     n_out,
@@ -84,15 +92,15 @@ def _apply_tile(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Update the tile at ``(row0, col0)`` of W and C by ``coef·g``; store its ``⟨ΔW, C_old⟩`` partial.
+    """Update the tile at ``(row0, col0)`` of W and C by ``g·lo``, where ``g`` is the tile of ``hi·G`` and
+    ``coef = hi·lo`` (``keep``: ``coef`` is 0, W and C keep every bit); store its ``⟨ΔW, C_old⟩`` partial.
 
     Base pointers are int64 (``row0``, ``col0``), offsets inside the tile int32.
     """
     r = tl.arange(0, BLOCK_M)
     c = tl.arange(0, BLOCK_N)
     mask = ((row0 + r)[:, None] < n_out) & ((col0 + c)[None, :] < n_in)
-    keep = coef == 0.0
-    step = coef * g
+    step = g * lo  # hi·G was exact (hi a power of two): coef·G with one rounding, for any fp64 coef
     w_ptrs = (w_ptr + row0 * stride_wm + col0 * stride_wn) + (r[:, None] * stride_wm + c[None, :] * stride_wn)
     c_ptrs = (c_ptr + row0 * stride_cm + col0 * stride_cn) + (r[:, None] * stride_cm + c[None, :] * stride_cn)
     w = tl.load(w_ptrs, mask=mask, other=0.0)
@@ -105,8 +113,6 @@ def _apply_tile(
     dot = tl.where(keep, 0.0, tl.where(mask, step * c_old, 0.0))
     slot = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
     tl.store(dot_ptr + slot, tl.sum(dot))
-    if slot == 0:
-        tl.store(d_norm_ptr + index, norm)
     tl.store(w_ptrs, tl.where(keep, w, (w32 + step).to(w.dtype)), mask=mask)
     if not CUMULATIVE_IS_INIT:
         tl.store(c_ptrs, tl.where(keep, cu, (c_old + step).to(cu.dtype)), mask=mask)
@@ -124,11 +130,13 @@ def _apply_materialized_kernel(
     r = tl.arange(0, BLOCK_M)
     c = tl.arange(0, BLOCK_N)
     mask = ((row0 + r)[:, None] < n_out) & ((col0 + c)[None, :] < n_in)
+    coef, norm = _coefficient(g_sq_ptr, n_part, g_sq_scale, rates_ptr, index, PART_BLOCK)
+    _record_norm(d_norm_ptr, index, norm)
+    hi, lo = split_coefficient(coef)
     g_ptrs = (g_ptr + row0 * stride_gm + col0 * stride_gn) + (r[:, None] * stride_gm + c[None, :] * stride_gn)
     g = tl.load(g_ptrs, mask=mask, other=0.0)
-    coef, norm = _coefficient(g_sq_ptr, n_part, g_sq_scale, rates_ptr, index, PART_BLOCK)
     _apply_tile(
-        g.to(tl.float32), coef, norm, w_ptr, c_ptr, d_norm_ptr, dot_ptr, index, row0, col0, n_out, n_in,
+        g.to(tl.float32) * hi, coef == 0.0, lo, w_ptr, c_ptr, dot_ptr, row0, col0, n_out, n_in,
         stride_wm, stride_wn, stride_cm, stride_cn, CUMULATIVE_IS_INIT, BLOCK_M, BLOCK_N,
     )
 
@@ -150,6 +158,12 @@ def _apply_small_batch_kernel(
     ks = tl.arange(0, BLOCK_K)
     d_base = d_ptr + row0 * stride_dm
     x_base = x_ptr + col0 * stride_xn
+    coef, norm = _coefficient(g_sq_ptr, n_part, g_sq_scale, rates_ptr, index, PART_BLOCK)
+    _record_norm(d_norm_ptr, index, norm)
+    hi, lo = split_coefficient(coef)
+    # a 16-bit x: δ is cast to its dtype for the dot, so hi is folded into δ first (exact): the recomputed tile
+    # is hi·δᵀx, at the step's scale rather than the gradient's, and δ does not overflow or underflow there
+    DELTA_HI: tl.constexpr = x_ptr.dtype.element_ty != tl.float32
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, batch, BLOCK_K):
         kmask = k0 + ks < batch
@@ -163,15 +177,18 @@ def _apply_small_batch_kernel(
             mask=kmask[:, None] & col_mask[None, :],
             other=0.0,
         )
+        if DELTA_HI:
+            d = d.to(tl.float32) * hi
         if UPCAST:
             d, x = d.to(tl.float32), x.to(tl.float32)
         else:
             d = d.to(x.dtype)  # δ in the weight's dtype: a 16-bit dot runs on tensor cores, x is never upcast
         acc += tl.dot(tl.trans(d), x, input_precision=PREC)
     g = (acc * alpha).to(tl.float32)  # alpha arrives as fp64 under torch.compile
-    coef, norm = _coefficient(g_sq_ptr, n_part, g_sq_scale, rates_ptr, index, PART_BLOCK)
+    if not DELTA_HI:
+        g = g * hi
     _apply_tile(
-        g, coef, norm, w_ptr, c_ptr, d_norm_ptr, dot_ptr, index, row0, col0, n_out, n_in,
+        g, coef == 0.0, lo, w_ptr, c_ptr, dot_ptr, row0, col0, n_out, n_in,
         stride_wm, stride_wn, stride_cm, stride_cn, CUMULATIVE_IS_INIT, BLOCK_M, BLOCK_N,
     )
 
@@ -182,10 +199,11 @@ def _apply_bias_kernel(
     bias_scale, index, batch, n_out, stride_db, stride_dm,
     CUMULATIVE_IS_INIT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """One program: ``db = bias_scale·Σ_B δ`` into ``db_ptr``, ``‖db‖``, then ``b, C += coef·db``, ``⟨Δb, C_old⟩``."""
+    """One program: ``db = bias_scale·Σ_B δ`` into ``db_ptr``, ``‖db‖`` (fp64), then ``b, C += coef·db``,
+    ``⟨Δb, C_old⟩``."""
     bs = tl.arange(0, BLOCK_B)
     ns = tl.arange(0, BLOCK_N)
-    sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    sq = tl.zeros((BLOCK_N,), dtype=tl.float64)
     for n0 in range(0, n_out, BLOCK_N):
         nmask = n0 + ns < n_out
         col = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -195,14 +213,13 @@ def _apply_bias_kernel(
             col += tl.sum(tl.load(d_ptr + offs, mask=bmask[:, None] & nmask[None, :], other=0.0).to(tl.float32), 0)
         col = (col * bias_scale).to(tl.float32)
         tl.store(db_ptr + n0 + ns, col, mask=nmask)
-        sq += col * col
-    norm = tl.sqrt(tl.sum(sq))
-    a = tl.load(rates_ptr + 2 * index).to(tl.float32)
-    r1 = tl.load(rates_ptr + 2 * index + 1).to(tl.float32)
-    u = a + r1 * norm  # as in _coefficient
-    ok = (norm > 0.0) & (norm < float("inf")) & (u >= 0.0) & (u < 1.844674352395373e19)
-    coef = tl.where(ok, -(a / tl.where(ok, norm, 1.0) + r1), 0.0)
+        col64 = col.to(tl.float64)
+        sq += col64 * col64
+    coef, norm = normalized_coefficient(
+        tl.sqrt(tl.sum(sq)), tl.load(rates_ptr + 2 * index), tl.load(rates_ptr + 2 * index + 1)
+    )
     keep = coef == 0.0
+    hi, lo = split_coefficient(coef)
     dots = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for n0 in range(0, n_out, BLOCK_N):
         nmask = n0 + ns < n_out
@@ -214,7 +231,7 @@ def _apply_bias_kernel(
             c_old = b32 - cu.to(tl.float32)
         else:
             c_old = cu.to(tl.float32)
-        step = coef * g
+        step = (g * hi) * lo  # coef·g with one rounding, as in _apply_tile
         dots += tl.where(nmask, tl.where(keep, 0.0, step * c_old), 0.0)
         tl.store(b_ptr + n0 + ns, tl.where(keep, b, (b32 + step).to(b.dtype)), mask=nmask)
         if not CUMULATIVE_IS_INIT:
@@ -295,11 +312,16 @@ def _check(
         )
 
 
-def _coefficient_of(norm: torch.Tensor, rates: torch.Tensor, index: int) -> torch.Tensor:
-    """The kernels' ``coef`` in torch (the reference branch): ``−(rates[i,0]/‖G‖ + rates[i,1])``, 0 to skip."""
-    u = rates[index, 0] + rates[index, 1] * norm
-    ok = torch.isfinite(norm) & (norm > 0) & (u >= 0) & (u < _MAX_STEP)
-    return torch.where(ok, -(rates[index, 0] / torch.where(ok, norm, 1.0) + rates[index, 1]), 0.0)
+def _coefficient_of(norm: torch.Tensor, rates: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' ``normalized_coefficient`` in torch (the reference branch), from a float64 ``‖G‖``:
+    ``coef = −(rates[i,0]/‖G‖ + rates[i,1])`` (float64, 0 to skip) and the ``‖G‖`` to record (fp32)."""
+    norm = norm.double()
+    a, b = rates[index, 0].double(), rates[index, 1].double()
+    u = a + b * norm
+    ok = torch.isfinite(norm) & (norm >= LEAST_SUBNORMAL) & (u >= 0) & (u < _MAX_STEP)
+    coef = torch.where(ok, -(a / torch.where(ok, norm, 1.0) + b), 0.0)
+    recorded = torch.where(ok, norm.clamp_max(FP32_MAX), torch.where(norm < LEAST_SUBNORMAL, 0.0, norm))
+    return coef, recorded.float()
 
 
 def apply_normalized_update(
@@ -320,21 +342,25 @@ def apply_normalized_update(
 ) -> None:
     """One launch: the coefficient, then ``W += coef·G``, ``C += coef·G`` and ``⟨ΔW, C_old⟩`` partials.
 
-    ``‖G‖² = g_sq_scale·Σ g_sq`` (fp32 partials, any length ≥ 1, clamped at 0); ``coef =
-    −(rates[index, 0]/‖G‖ + rates[index, 1])`` (``rates`` fp32 ``[n, 2]``), or 0 (W and C kept
-    bit-identical) when ``‖G‖`` is 0 or not finite. Writes ``‖G‖`` to ``d_norm_out[index]`` and the
+    ``‖G‖² = g_sq_scale·Σ g_sq`` (fp64 or fp32 partials, any length ≥ 1, summed in fp64 and clamped at
+    0); ``coef = −(rates[index, 0]/‖G‖ + rates[index, 1])`` (``rates`` fp32 ``[n, 2]``) in fp64, or 0
+    (W and C kept bit-identical) when ``‖G‖`` is below fp32's least subnormal (0 included) or not
+    finite, or the step's norm is NaN, negative or at least ``MAX_STEP``. Any finite ``G`` with
+    ``‖G‖ > 0`` takes its step, at fp32 accuracy, however large or small its scale. Writes ``‖G‖``
+    (clamped to fp32's finite range when the step is taken) to ``d_norm_out[index]`` and the
     per-program partials of ``⟨ΔW, C_old⟩`` to ``dot_out[:programs]`` (fp32; the rest untouched).
-    ``G`` is ``grad`` or ``α·δᵀx`` as in :func:`apply_update`.
+    ``G`` is ``grad`` or ``α·δᵀx`` as in :func:`apply_update`. float64 weights run the torch branch
+    (float64 arithmetic; pass a float64 ``grad`` for a float64 ``G``).
     """
     _check(weight, cumulative, None, grad, x, delta, cumulative_is_init)
     n_out, n_in = weight.shape
-    if not use_triton(weight):
-        norm = (g_sq.float().sum() * g_sq_scale).clamp_min(0.0).sqrt()
-        coef = _coefficient_of(norm, rates, index)
+    if not use_triton(weight) or weight.dtype == torch.float64:
+        norm = (g_sq.double().sum() * g_sq_scale).clamp_min(0.0).sqrt()
+        coef, recorded = _coefficient_of(norm, rates, index)
         dot = reference.apply_update(
             weight, cumulative, coef, grad=grad, x=x, delta=delta, alpha=alpha, cumulative_is_init=cumulative_is_init
         )
-        d_norm_out[index] = norm
+        d_norm_out[index] = recorded
         dot_out[0] = dot
         return
     config = _MATERIALIZED if grad is not None else _SMALL_BATCH
@@ -372,15 +398,15 @@ def apply_bias_update(
     dot_out: torch.Tensor,
     cumulative_is_init: bool = False,
 ) -> None:
-    """The bias's whole update in one launch: ``db = bias_scale·Σ_B δ``, ``‖db‖``, the coefficient as in
-    :func:`apply_normalized_update`, ``b, C += coef·db``; ``‖db‖`` to ``d_norm_out[index]``,
-    ``⟨Δb, C_old⟩`` to ``dot_out[0]``. ``delta`` is ``(B, n_out)``, ``bias`` and ``cumulative`` ``(n_out,)``."""
-    if not use_triton(bias):
+    """The bias's whole update in one launch: ``db = bias_scale·Σ_B δ``, ``‖db‖`` (accumulated in fp64), the
+    coefficient as in :func:`apply_normalized_update`, ``b, C += coef·db``; ``‖db‖`` to ``d_norm_out[index]``,
+    ``⟨Δb, C_old⟩`` to ``dot_out[0]``. ``delta`` is ``(B, n_out)``, ``bias`` and ``cumulative`` ``(n_out,)``.
+    A float64 bias runs the torch branch (float64 arithmetic)."""
+    if not use_triton(bias) or bias.dtype == torch.float64:
         db = reference.bias_grad(delta, bias_scale)
-        norm = db.norm()
-        coef = _coefficient_of(norm, rates, index)
+        coef, recorded = _coefficient_of(torch.linalg.vector_norm(db, dtype=torch.float64), rates, index)
         dot_out[0] = reference.apply_update(bias, cumulative, coef, grad=db, cumulative_is_init=cumulative_is_init)
-        d_norm_out[index] = norm
+        d_norm_out[index] = recorded
         return
     batch, n_out = delta.shape
     db = torch.empty(n_out, dtype=torch.float32, device=bias.device)

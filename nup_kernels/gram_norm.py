@@ -7,8 +7,18 @@ chunks of ``n_out``, ``⟨x xᵀ, δ δᵀ⟩ = Σ_{c,e} ⟨X_c, D_e⟩``. One p
 ``BLOCK_B × BLOCK_B`` tile of one ``X_c`` and one ``D_e`` (``tl.dot`` over its chunk) and writes
 their ``⟨·,·⟩`` to its own slot of a partials buffer; tiles below the diagonal write 0 (both Grams
 are symmetric, so an off-diagonal tile counts twice). One launch, no atomics: the partials'
-``torch.sum`` is deterministic, and it is clamped at 0 (TF32 or 16-bit rounding of a nearly
-vanishing ``‖G‖²`` must not turn into NaN in ``sqrt``).
+``torch.sum`` is deterministic, and it is clamped at 0 (rounding of a nearly vanishing ``‖G‖²``
+must not turn into NaN in ``sqrt``).
+
+Extreme but finite gradients (issue #13): an fp32 ``δ δᵀ`` overflows as soon as ``δ`` holds entries
+near 1e19 (and underflows below about 1e-19). Each Gram tile is therefore accumulated on scaled
+operands: every ``BLOCK_B × BLOCK_K`` block of rows is multiplied by an exact power of two that
+brings the largest magnitude seen so far in those rows below 1 (a running scale, as in online
+softmax: when a later block is larger, the accumulator is rescaled by the exact ratio), so the
+tile stays in fp32's range and keeps its ``tl.dot`` on tensor cores. The two tiles' ``⟨·,·⟩`` is
+then unscaled in fp64 and the partials are fp64: ``‖G‖²`` is right for any ``G`` whose entries are
+finite in fp32 (up to about 1e42 in norm, down to fp32's least subnormal). (An fp64 ``tl.dot`` would
+do too, but Triton 3.6 fails to compile it from 16-bit operands on sm_90, and spills from fp32.)
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ import torch
 
 from nup_kernels import reference
 from nup_kernels.backend import check_inputs, fp32_dot_precision, interpreter_active, tl, triton, use_triton
+from nup_kernels.scaled_step import pow2, pow2_64, unit_exponent
 
 #: ``tl.dot`` input precision for fp32 operands (kept under this name for the kernels that import it)
 dot_precision = fp32_dot_precision
@@ -25,17 +36,29 @@ _BLOCK_K = 64
 
 
 @triton.jit
+def _scaled(a, k, UPCAST: tl.constexpr):
+    """``a·2^k`` (exact), in fp32 under the interpreter, else in ``a``'s dtype for the dot."""
+    s = a.to(tl.float32) * pow2(k)
+    return s if UPCAST else s.to(a.dtype)
+
+
+@triton.jit
 def _gram_tile(
     a_ptr, stride_b, stride_k, rows_i, rows_j, B, k_lo, k_hi,
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, ONE_TILE: tl.constexpr,
 ):  # fmt: skip
-    """Tile ``(rows_i, rows_j)`` of ``A[:, k_lo:k_hi] A[:, k_lo:k_hi]ᵀ`` in fp32.
+    """``(tile, k)``: tile ``(rows_i, rows_j)`` of ``A[:, k_lo:k_hi] A[:, k_lo:k_hi]ᵀ`` times ``2^k``, in fp32.
 
+    Rows ``i`` are scaled by ``2^k_i`` and rows ``j`` by ``2^k_j`` (``k = k_i + k_j``), exact powers of two
+    that keep the largest magnitude seen in those rows below 1; a block with a larger one lowers them
+    and rescales the accumulator (exactly; what underflows is below fp32's precision of the result).
     ``ONE_TILE`` (the batch fits one tile, so ``rows_i`` is ``rows_j``): the rows are loaded once.
     """
     mask_i = rows_i < B
     mask_j = rows_j < B
     acc = tl.zeros((BLOCK_B, BLOCK_B), dtype=tl.float32)
+    ki = tl.full((), 126, tl.int32)
+    kj = tl.full((), 126, tl.int32)
     ks = tl.arange(0, BLOCK_K)
     off_i = rows_i[:, None] * stride_b + ks[None, :] * stride_k
     off_j = rows_j[:, None] * stride_b + ks[None, :] * stride_k
@@ -43,14 +66,19 @@ def _gram_tile(
         kmask = (k0 + ks) < k_hi
         base = a_ptr + k0 * stride_k
         a = tl.load(base + off_i, mask=mask_i[:, None] & kmask[None, :], other=0.0)
+        ki_new = tl.minimum(ki, unit_exponent(tl.max(tl.max(tl.abs(a.to(tl.float32)), axis=1), axis=0)))
         if ONE_TILE:
-            b = a
+            kj_new = ki_new
         else:
             b = tl.load(base + off_j, mask=mask_j[:, None] & kmask[None, :], other=0.0)
-        if UPCAST:
-            a, b = a.to(tl.float32), b.to(tl.float32)
+            kj_new = tl.minimum(kj, unit_exponent(tl.max(tl.max(tl.abs(b.to(tl.float32)), axis=1), axis=0)))
+        # shifts are ≤ 0 and each factor is a normal fp32 number: two steps reach 2^-252 (then acc is negligible)
+        acc = acc * pow2(tl.maximum(ki_new - ki, -126)) * pow2(tl.maximum(kj_new - kj, -126))
+        ki, kj = ki_new, kj_new
+        a = _scaled(a, ki, UPCAST)
+        b = a if ONE_TILE else _scaled(b, kj, UPCAST)
         acc += tl.dot(a, tl.trans(b), input_precision=PREC)
-    return acc
+    return acc, ki + kj
 
 
 @triton.jit
@@ -62,7 +90,7 @@ def _gram_norm_kernel(
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
     ONE_TILE: tl.constexpr,
 ):  # fmt: skip
-    """Grid ``(n_b, n_b, n_chunks_x · n_chunks_d)``; ``scale·⟨X_c, D_e⟩`` of tile ``(pi, pj)`` per program."""
+    """Grid ``(n_b, n_b, n_chunks_x · n_chunks_d)``; ``scale·⟨X_c, D_e⟩`` of tile ``(pi, pj)`` per program (fp64)."""
     pi = tl.program_id(0)
     pj = tl.program_id(1)
     pc = tl.program_id(2)
@@ -76,17 +104,24 @@ def _gram_norm_kernel(
         rows_i = pi * BLOCK_B + tl.arange(0, BLOCK_B)
         rows_j = pj * BLOCK_B + tl.arange(0, BLOCK_B)
         x_lo = c * chunk_x
-        gx = _gram_tile(x_ptr, stride_xb, stride_xk, rows_i, rows_j, B, x_lo, tl.minimum(x_lo + chunk_x, n_in),
-                        BLOCK_B, BLOCK_K, PREC, UPCAST, ONE_TILE)  # fmt: skip
+        gx, kx = _gram_tile(x_ptr, stride_xb, stride_xk, rows_i, rows_j, B, x_lo,
+                            tl.minimum(x_lo + chunk_x, n_in), BLOCK_B, BLOCK_K, PREC, UPCAST, ONE_TILE)  # fmt: skip
         d_lo = e * chunk_d
-        gd = _gram_tile(d_ptr, stride_db, stride_dk, rows_i, rows_j, B, d_lo, tl.minimum(d_lo + chunk_d, n_out),
-                        BLOCK_B, BLOCK_K, PREC, UPCAST, ONE_TILE)  # fmt: skip
-        weight = tl.where(pj > pi, 2.0, 1.0) * tl.cast(scale, tl.float32)
-        tl.store(partials_ptr + slot, weight * tl.sum(gx * gd))
+        gd, kd = _gram_tile(d_ptr, stride_db, stride_dk, rows_i, rows_j, B, d_lo,
+                            tl.minimum(d_lo + chunk_d, n_out), BLOCK_B, BLOCK_K, PREC, UPCAST, ONE_TILE)  # fmt: skip
+        weight = tl.where(pj > pi, 2.0, 1.0) * tl.cast(scale, tl.float64)
+        # entries of gx, gd are below chunk·(1)²: their ⟨·,·⟩ fits fp32; unscaled by 2^-(kx+kd) (|kx+kd| ≤ 504) in fp64
+        tl.store(partials_ptr + slot, weight * tl.sum(gx * gd).to(tl.float64) * pow2_64(-(kx + kd)))
 
 
 def _block_b(batch: int) -> int:
     return max(16, min(64, triton.next_power_of_2(max(batch, 1))))
+
+
+def _launch_config(block_b: int) -> tuple[int, int]:
+    """``(BLOCK_K, num_warps)``: 64-row tiles take 32-wide K blocks and 8 warps, as with their running scales two
+    64×64 tiles of distinct rows spill at 64 and 4 (sm_90, Triton 3.6 and 3.9: ``benchmarks/compile_check.py``)."""
+    return (32, 8) if block_b >= 64 else (_BLOCK_K, 4)
 
 
 def _chunking(n: int) -> tuple[int, int]:
@@ -110,11 +145,11 @@ def _check(op: str, x: torch.Tensor, delta: torch.Tensor) -> None:
 def grad_norm_sq_partials(
     x: torch.Tensor, delta: torch.Tensor, alpha: float, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Per-program fp32 partials ``[P]`` of ``‖α·δᵀx‖²_F`` from one launch; their sum is ``‖G‖²``.
+    """Per-program float64 partials ``[P]`` of ``‖α·δᵀx‖²_F`` from one launch; their sum is ``‖G‖²``.
 
-    ``x`` is ``(B, n_in)``, ``delta`` ``(B, n_out)``, any strides and dtypes (fp32, bf16, fp16; the two
-    may differ). ``P = grad_norm_sq_partials_size(B, n_in, n_out)``; ``out``, when given, is an fp32
-    vector of that length, written in place (no allocation, for CUDA graphs). Partials may be
+    ``x`` is ``(B, n_in)``, ``delta`` ``(B, n_out)``, any strides and dtypes (fp32, bf16, fp16, float64;
+    the two may differ). ``P = grad_norm_sq_partials_size(B, n_in, n_out)``; ``out``, when given, is a
+    float64 vector of that length, written in place (no allocation, for CUDA graphs). Partials may be
     negative; clamp their sum at 0. CUDA tensors (or ``NUP_BACKEND=triton``) only.
     """
     _check("grad_norm_sq_partials", x, delta)
@@ -125,15 +160,16 @@ def grad_norm_sq_partials(
     n_out = delta.shape[1]
     size = grad_norm_sq_partials_size(batch, n_in, n_out)
     if out is None:
-        out = torch.empty(size, dtype=torch.float32, device=x.device)
-    elif out.dtype != torch.float32 or out.shape != (size,) or out.device != x.device:
+        out = torch.empty(size, dtype=torch.float64, device=x.device)
+    elif out.dtype != torch.float64 or out.shape != (size,) or out.device != x.device:
         raise ValueError(
-            f"grad_norm_sq_partials: out must be an fp32 vector of length {size} on {x.device}, "
+            f"grad_norm_sq_partials: out must be a float64 vector of length {size} on {x.device}, "
             f"got {out.dtype} {tuple(out.shape)} on {out.device}; use grad_norm_sq_partials_size()"
         )
     if batch == 0 or n_in == 0 or n_out == 0:
         return out.zero_()
     block_b = _block_b(batch)
+    block_k, warps = _launch_config(block_b)
     n_b = triton.cdiv(batch, block_b)
     (chunk_x, n_cx), (chunk_d, n_cd) = _chunking(n_in), _chunking(n_out)
     _gram_norm_kernel[(n_b, n_b, n_cx * n_cd)](
@@ -141,14 +177,14 @@ def grad_norm_sq_partials(
         batch, n_in, n_out,
         x.stride(0), x.stride(1), delta.stride(0), delta.stride(1),
         chunk_x, chunk_d, n_cd, float(alpha) ** 2,
-        BLOCK_B=block_b, BLOCK_K=_BLOCK_K, PREC=fp32_dot_precision(), UPCAST=interpreter_active(),
-        ONE_TILE=n_b == 1, num_warps=4,
+        BLOCK_B=block_b, BLOCK_K=block_k, PREC=fp32_dot_precision(), UPCAST=interpreter_active(),
+        ONE_TILE=n_b == 1, num_warps=warps,
     )  # fmt: skip
     return out
 
 
 def grad_norm_sq_gram(x: torch.Tensor, delta: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``‖α·δᵀx‖²_F`` for ``x`` ``(B, n_in)`` and ``delta`` ``(B, n_out)``; fp32 0-dim tensor, ≥ 0.
+    """``‖α·δᵀx‖²_F`` for ``x`` ``(B, n_in)`` and ``delta`` ``(B, n_out)``; float64 0-dim tensor, ≥ 0.
 
     Any strides are accepted. CUDA tensors (or ``NUP_BACKEND=triton``) run the Triton kernel
     (the clamped sum of :func:`grad_norm_sq_partials`), others ``reference.grad_norm_sq_gram``.

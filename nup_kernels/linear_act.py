@@ -5,11 +5,15 @@ Shapes: ``x`` is ``(B, n_in)``, ``weight`` ``(n_out, n_in)``, ``bias`` ``(n_out,
 ``φ'`` can be read from it (``act.grad_from_output``: ReLU, leaky ReLU, identity, tanh), else the
 pre-activation ``h``; no other tensor is stored. The backward kernels recompute
 ``δ = dy ⊙ φ'`` in their prologue. Matmuls accumulate in fp32; activations run in fp32.
-Reductions (``‖G‖²``, ``db``) write per-program fp32 partials summed in a second stage, so
-every result is deterministic.
+Reductions (``‖G‖²``, ``db``) write per-program partials summed in a second stage, so
+every result is deterministic; ``‖G‖²``'s partials are fp64, each the fp32 sum of squares of its
+tile scaled by an exact power of two, unscaled in fp64 (so an extreme but finite gradient gets a
+finite, non-zero norm: issue #13).
 
 CUDA tensors run the Triton kernels, CPU tensors the reference ops of
-:mod:`nup_kernels.reference` (see :func:`nup_kernels.backend.use_triton`).
+:mod:`nup_kernels.reference` (see :func:`nup_kernels.backend.use_triton`). The kernels are
+16/32-bit: float64 operands make each launcher compute the same result with torch ops in
+float64 (so a float64 NuMLP runs on the Triton code path, fused included).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 
 from nup_kernels.activations import GELU, LINEAR_ABS, TANH, Activation, get_activation
 from nup_kernels.backend import check_inputs, fp32_dot_precision, interpreter_active, tl, triton, use_triton
+from nup_kernels.scaled_step import pow2, pow2_64, unit_exponent
 
 _INTERPRET = interpreter_active()
 # Globals read inside kernels must be constexpr.
@@ -259,7 +264,8 @@ def _linear_act_bwd_dw_kernel(
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """One ``(BLOCK_N, BLOCK_K)`` tile of ``G = α·δᵀ x`` (fp32) and its ``‖tile‖²`` partial; δ cast to x's dtype."""
+    """One ``(BLOCK_N, BLOCK_K)`` tile of ``G = α·δᵀ x`` (fp32) and its ``‖tile‖²`` partial (fp64, exact scaling);
+    δ cast to x's dtype."""
     pid, pid_n, pid_k = _tile_ids(N, K, BLOCK_N, BLOCK_K, GROUP)
     n0 = pid_n * BLOCK_N
     k0 = pid_k * BLOCK_K
@@ -292,7 +298,12 @@ def _linear_act_bwd_dw_kernel(
     mask = n_ok[:, None] & k_ok[None, :]
     tl.store(g_ptr + n0 * stride_gn + k0 * stride_gk + (rn[:, None] * stride_gn + rk[None, :] * stride_gk), g,
              mask=mask)  # fmt: skip
-    tl.store(partial_ptr + pid, tl.sum(tl.sum(tl.where(mask, g * g, 0.0), axis=1), axis=0))
+    # ‖tile‖² of any finite fp32 tile: squares of the tile scaled by an exact power of two 2^k (its largest
+    # magnitude below 1) sum in fp32 without overflow, and 2^-2k is applied in fp64
+    g = tl.where(mask, g, 0.0)
+    k = unit_exponent(tl.max(tl.max(tl.abs(g), axis=1), axis=0))
+    s = g * pow2(k)
+    tl.store(partial_ptr + pid, tl.sum(tl.sum(s * s, axis=1), axis=0).to(tl.float64) * pow2_64(-2 * k))
 
 
 @triton.jit
@@ -373,18 +384,20 @@ def _params(act: Activation | str) -> tuple[Activation, int, float, float]:
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check_kernel_dtypes(op: str, *tensors: torch.Tensor | None) -> None:
-    for t in tensors:
-        if t is not None and t.dtype not in _KERNEL_DTYPES:
-            raise TypeError(
-                f"{op}: the Triton kernels take float32, float16 or bfloat16, got {t.dtype}; "
-                "cast the tensors, or use linear_act / NUP_BACKEND=reference for other dtypes"
-            )
+def _wide(*tensors: torch.Tensor | None) -> bool:
+    """The launcher's float64 route: a float64 operand (the kernels are 16/32-bit) makes it compute the
+    same result with torch ops in float64."""
+    return any(t is not None and t.dtype == torch.float64 for t in tensors)
+
+
+def _wide_delta(dy: torch.Tensor, saved: torch.Tensor, act: Activation, from_output: bool) -> torch.Tensor:
+    """``δ = dy ⊙ φ'`` in float64 (the float64 route), φ' read from ``saved`` as y or as h."""
+    s = saved.double()
+    return dy.double() * (act.derivative_from_output(s) if from_output else act.derivative(s))
 
 
 def _check_saved(op: str, dy: torch.Tensor, saved: torch.Tensor) -> None:
     check_inputs(op, dy, saved, ndims=(2, 2))
-    _check_kernel_dtypes(op, dy, saved)
     if dy.shape != saved.shape:
         raise ValueError(
             f"{op}: dy has shape {tuple(dy.shape)} but the saved activation has {tuple(saved.shape)}; "
@@ -415,11 +428,17 @@ def linear_act_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``y = φ(α·x Wᵀ + bias_scale·b)`` in x's dtype, and ``saved`` for the backward.
 
-    ``saved`` is ``y`` itself (the same tensor) when ``act.grad_from_output``, else ``h``.
+    ``saved`` is ``y`` itself (the same tensor) when ``act.grad_from_output``, else ``h``. float64
+    operands: torch ops in float64.
     """
     _check_linear("linear_act_forward", x, weight, bias)
-    _check_kernel_dtypes("linear_act_forward", x, weight, bias)
     act, code, a, b = _params(act)
+    if _wide(x, weight, bias):
+        h = float(alpha) * (x.double() @ weight.double().t())
+        if bias is not None:
+            h = h + float(bias_scale) * bias.double()
+        y = act(h).to(x.dtype)
+        return y, y if act.grad_from_output else h.to(x.dtype)
     (M, K), N = x.shape, weight.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     h = y if act.grad_from_output else torch.empty_like(y)
@@ -443,7 +462,6 @@ def _check_delta(op: str, delta: torch.Tensor | None, dy: torch.Tensor) -> None:
     if delta is None:
         return
     check_inputs(op, dy, delta, ndims=(2, 2))
-    _check_kernel_dtypes(op, delta)
     if delta.shape != dy.shape:
         raise ValueError(
             f"{op}: delta has shape {tuple(delta.shape)} but dy has {tuple(dy.shape)}; pass δ = dy ⊙ φ' of this batch"
@@ -453,7 +471,6 @@ def _check_delta(op: str, delta: torch.Tensor | None, dy: torch.Tensor) -> None:
 def _check_dx(op: str, dy: torch.Tensor, saved: torch.Tensor, weight: torch.Tensor) -> None:
     _check_saved(op, dy, saved)
     check_inputs(op, dy, weight, ndims=(2, 2))
-    _check_kernel_dtypes(op, weight)
     if dy.shape[1] != weight.shape[0]:
         raise ValueError(
             f"{op}: dy has {dy.shape[1]} columns but weight {tuple(weight.shape)} has "
@@ -464,13 +481,18 @@ def _check_dx(op: str, dy: torch.Tensor, saved: torch.Tensor, weight: torch.Tens
 def _launch_dx(dy, saved, weight, alpha, act, out_dtype, delta_in, delta_out) -> torch.Tensor:
     """The dx kernel: δ from ``delta_in`` when given (else from dy and saved), stored to ``delta_out`` when given."""
     act, code, a, b = _params(act)
+    src = dy if delta_in is None else delta_in
+    if _wide(src, saved, weight):
+        delta = delta_in.double() if delta_in is not None else _wide_delta(dy, saved, act, act.grad_from_output)
+        if delta_out is not None:
+            delta_out.copy_(delta)
+        return (float(alpha) * (delta @ weight.double())).to(out_dtype)
     (M, N), K = dy.shape, weight.shape[1]
     dx = torch.empty((M, K), device=dy.device, dtype=out_dtype)
     if dx.numel() == 0:
         return dx
     if N == 0:
         return dx.zero_()
-    src = dy if delta_in is None else delta_in
     _check_strides("linear_act_backward_dx", src, saved, weight, dx, delta_out)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
     store = delta_out if delta_out is not None else dx
@@ -517,9 +539,13 @@ def linear_act_backward_delta_dx(
 
     The dx kernel computes δ in its prologue anyway; the programs of the first column of dx tiles
     store it, each δ tile exactly once (no races). Where ``n_in = 0`` there is no dx tile, and δ
-    comes from :func:`activation_delta`.
+    comes from :func:`activation_delta`. float64 operands: torch ops, δ in float64.
     """
     _check_dx("linear_act_backward_delta_dx", dy, saved, weight)
+    if _wide(dy, saved, weight):
+        act = get_activation(act)
+        delta = _wide_delta(dy, saved, act, act.grad_from_output)
+        return delta, (float(alpha) * (delta @ weight.double())).to(out_dtype)
     delta = torch.empty(dy.shape, device=dy.device, dtype=torch.float32)
     if weight.shape[1] == 0 or dy.shape[1] == 0:
         dx = torch.zeros((dy.shape[0], weight.shape[1]), device=dy.device, dtype=out_dtype)
@@ -541,13 +567,14 @@ def linear_act_backward_dw(
     act: Activation | str,
     delta: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``G = α·δᵀ x`` (fp32, ``(n_out, n_in)``) and ``‖G‖²`` (fp32, 0-dim), deterministic.
+    """``G = α·δᵀ x`` (fp32, ``(n_out, n_in)``) and ``‖G‖²`` (float64, 0-dim: accumulated in fp64, so it
+    is finite and non-zero for any non-zero G with finite fp32 entries), deterministic.
 
     ``delta``: ``δ = dy ⊙ φ'`` already computed; read instead of recomputed (cast to x's dtype).
+    float64 operands: torch ops, ``G`` in float64.
     """
     _check_saved("linear_act_backward_dw", dy, saved)
     check_inputs("linear_act_backward_dw", dy, x, ndims=(2, 2))
-    _check_kernel_dtypes("linear_act_backward_dw", x)
     if dy.shape[0] != x.shape[0]:
         raise ValueError(
             f"linear_act_backward_dw: dy has {dy.shape[0]} rows but x has {x.shape[0]}; "
@@ -555,13 +582,17 @@ def linear_act_backward_dw(
         )
     _check_delta("linear_act_backward_dw", delta, dy)
     act, code, a, b = _params(act)
+    if _wide(dy if delta is None else delta, saved, x):
+        d = delta.double() if delta is not None else _wide_delta(dy, saved, act, act.grad_from_output)
+        g = float(alpha) * (d.t() @ x.double())
+        return g, torch.linalg.vector_norm(g).square()
     (M, N), K = dy.shape, x.shape[1]
     g = torch.empty((N, K), device=dy.device, dtype=torch.float32)
     if g.numel() == 0:
         return g, torch.zeros((), device=dy.device, dtype=torch.float32)
     src = dy if delta is None else delta
     _check_strides("linear_act_backward_dw", src, saved, x, g)
-    partials = torch.empty(_max_programs(N, K), device=dy.device, dtype=torch.float32)
+    partials = torch.empty(_max_programs(N, K), device=dy.device, dtype=torch.float64)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]),)
     _linear_act_bwd_dw_kernel[grid](
         src, saved, x, g, partials,
@@ -584,9 +615,11 @@ _BIAS_ROWS = 1024  # rows summed by one program of the bias-grad kernel (its loo
 def linear_act_bias_grad(
     dy: torch.Tensor, saved: torch.Tensor, bias_scale: float, act: Activation | str
 ) -> torch.Tensor:
-    """``db = bias_scale·Σ_B (dy ⊙ φ')``, fp32, shape ``(n_out,)``, deterministic."""
+    """``db = bias_scale·Σ_B (dy ⊙ φ')``, fp32 (float64 for float64 operands), shape ``(n_out,)``, deterministic."""
     _check_saved("linear_act_bias_grad", dy, saved)
     act, code, a, b = _params(act)
+    if _wide(dy, saved):
+        return float(bias_scale) * _wide_delta(dy, saved, act, act.grad_from_output).sum(0)
     M, N = dy.shape
     block_m, block_n = _ELEM_BLOCK
     partials = torch.empty((triton.cdiv(M, _BIAS_ROWS), N), device=dy.device, dtype=torch.float32)
@@ -605,7 +638,7 @@ def linear_act_bias_grad(
 def activation_delta(
     dy: torch.Tensor, saved: torch.Tensor, act: Activation | str, saved_is_output: bool | None = None
 ) -> torch.Tensor:
-    """``δ = dy ⊙ φ'``, fp32, contiguous ``(B, n_out)``.
+    """``δ = dy ⊙ φ'``, fp32 (float64 for float64 operands), contiguous ``(B, n_out)``.
 
     ``saved`` is read as y when ``saved_is_output`` (default: ``act.grad_from_output``, which is
     what :func:`linear_act_forward` saves), else as h.
@@ -615,6 +648,8 @@ def activation_delta(
     from_output = act.grad_from_output if saved_is_output is None else saved_is_output
     if from_output and not act.grad_from_output:
         raise ValueError(f"activation_delta: φ' of {act} cannot be read from its output; save h instead")
+    if _wide(dy, saved):
+        return _wide_delta(dy, saved, act, from_output)
     M, N = dy.shape
     out = torch.empty((M, N), device=dy.device, dtype=torch.float32)
     if out.numel() == 0:

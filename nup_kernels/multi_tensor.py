@@ -13,9 +13,16 @@ A launch has one dtype per operand list (the pointer type is a constexpr), so th
 groups the tensors by their dtype tuple: one launch per group, a single launch in the usual
 case where all tensors share a dtype.
 
-Reductions are deterministic: every chunk writes fp32 partials to its own slot (the chunks of a
+Reductions are deterministic: every chunk writes fp64 partials to its own slot (the chunks of a
 tensor occupy consecutive slots), and a second small kernel sums each tensor's slots in a fixed
 order. No atomics are used.
+
+Extreme but finite directions (issue #13): the sums of squares and products are accumulated in
+fp64, where the square of any finite fp32/bf16/fp16 value neither overflows nor underflows, so
+``‖D‖²`` is right for any finite ``D`` (a plain fp32 sum overflows from ``‖D‖`` ≈ 1.8e19 and
+underflows below about 1e-19). The apply takes fp64 coefficients, which can lie outside fp32's
+range (``u/‖D‖`` with ``‖D‖`` from 1e-45 to 1e42), and forms ``coef·D`` as an exact power of two
+times an fp32 factor (:mod:`nup_kernels.scaled_step`), so the step keeps fp32 accuracy.
 
 In-place operands (``params``, ``cumulatives`` of ``multi_tensor_apply``) must be contiguous,
 since they are addressed as flat buffers; read-only operands are made contiguous when needed.
@@ -30,6 +37,7 @@ import torch
 
 from nup_kernels import reference
 from nup_kernels.backend import check_inputs, tl, triton, use_triton
+from nup_kernels.scaled_step import split_coefficient
 
 BLOCK = 1024
 ITERS = 4
@@ -58,13 +66,13 @@ def _load(ptr, offs, n, FULL: tl.constexpr):
 
 @triton.jit
 def _reduce_span(d_ptr, c_ptr, start, n, FULL: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
-    dd = tl.zeros((BLOCK,), dtype=tl.float32)
-    dc = tl.zeros((BLOCK,), dtype=tl.float32)
-    cc = tl.zeros((BLOCK,), dtype=tl.float32)
+    dd = tl.zeros((BLOCK,), dtype=tl.float64)  # fp64: the square of any finite 16/32-bit value fits
+    dc = tl.zeros((BLOCK,), dtype=tl.float64)
+    cc = tl.zeros((BLOCK,), dtype=tl.float64)
     for i in tl.static_range(ITERS):
         offs = start + i * BLOCK + tl.arange(0, BLOCK)
-        d = _load(d_ptr, offs, n, FULL).to(tl.float32)
-        c = _load(c_ptr, offs, n, FULL).to(tl.float32)
+        d = _load(d_ptr, offs, n, FULL).to(tl.float64)
+        c = _load(c_ptr, offs, n, FULL).to(tl.float64)
         dd += d * d
         dc += d * c
         cc += c * c
@@ -103,12 +111,12 @@ def _reduce_kernel(
 
 @triton.jit
 def _segment_sum_kernel(partials, segments, out, n_tensors, n_slots, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """``out[r, t] = Σ partials[r, lo_t:hi_t]``, summed in a fixed order."""
+    """``out[r, t] = Σ partials[r, lo_t:hi_t]`` (fp64), summed in a fixed order."""
     t = tl.program_id(0).to(tl.int64)
     lo = tl.load(segments + t)
     hi = tl.load(segments + n_tensors + t)
     for r in tl.static_range(ROWS):
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK,), dtype=tl.float64)
         for s in range(lo, hi, BLOCK):
             idx = s + tl.arange(0, BLOCK)
             acc += tl.load(partials + r * n_slots + idx, mask=idx < hi, other=0.0)
@@ -120,11 +128,12 @@ def _apply_span(
     p_ptr, d_ptr, c_ptr, coef, start, n, FULL: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr
 ):
     keep = coef == 0.0
+    hi, lo = split_coefficient(coef)  # coef = hi·lo: fp64, possibly beyond fp32's range
     for i in tl.static_range(ITERS):
         offs = start + i * BLOCK + tl.arange(0, BLOCK)
         p = _load(p_ptr, offs, n, FULL)
         c = _load(c_ptr, offs, n, FULL)
-        step = coef * _load(d_ptr, offs, n, FULL).to(tl.float32)
+        step = (_load(d_ptr, offs, n, FULL).to(tl.float32) * hi) * lo  # D·hi is exact: one rounding
         new_p = tl.where(keep, p, (p.to(tl.float32) + step).to(p.dtype))
         new_c = tl.where(keep, c, (c.to(tl.float32) + step).to(c.dtype))
         if FULL:
@@ -152,7 +161,7 @@ def _apply_kernel(
     t = tl.load(chunks + pid)
     start = tl.multiple_of(tl.load(chunks + tl.num_programs(0) + pid), BLOCK * ITERS)
     n = tl.load(tensors + 3 * n_local + t)
-    coef = tl.load(coefs + tl.load(tensors + 4 * n_local + t)).to(tl.float32)
+    coef = tl.load(coefs + tl.load(tensors + 4 * n_local + t)).to(tl.float64)  # fp32 or fp64 coefficients
     p_ptr = _tensor_ptr(tensors, 0, n_local, t, P_DTYPE, ALIGNED)
     d_ptr = _tensor_ptr(tensors, 1, n_local, t, D_DTYPE, ALIGNED)
     c_ptr = _tensor_ptr(tensors, 2, n_local, t, C_DTYPE, ALIGNED)
@@ -260,15 +269,17 @@ def _require_contiguous(op: str, name: str, ts: list[torch.Tensor]) -> None:
 def multi_tensor_reduce(
     directions: list[torch.Tensor], cumulatives: list[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per tensor ``‖D‖²``, ``⟨D, C⟩`` and ``‖C‖²``: three fp32 vectors of length ``len(directions)``.
+    """Per tensor ``‖D‖²``, ``⟨D, C⟩`` and ``‖C‖²``: three float64 vectors of length ``len(directions)``.
 
-    ``directions[i]`` and ``cumulatives[i]`` share a shape; dtypes may be fp32, bf16 or fp16.
-    One reduction launch per dtype pair plus one deterministic segment-sum launch.
+    ``directions[i]`` and ``cumulatives[i]`` share a shape; dtypes may be fp32, bf16 or fp16 (float64
+    tensors take the torch path). Accumulated in fp64, so every finite ``D`` gets a finite, non-zero
+    ``‖D‖²`` (or 0 for ``D = 0``). One reduction launch per dtype pair plus one deterministic
+    segment-sum launch.
     """
     op = "multi_tensor_reduce"
     _check(op, ("directions", "cumulatives"), (directions, cumulatives))
     if not directions:
-        empty = torch.zeros(0, dtype=torch.float32)
+        empty = torch.zeros(0, dtype=torch.float64)
         return empty, empty.clone(), empty.clone()
     if not use_triton(directions[0]) or _any_float64(directions, cumulatives):
         return reference.multi_tensor_reduce(directions, cumulatives)
@@ -276,7 +287,7 @@ def multi_tensor_reduce(
     cumulatives = [c.contiguous() for c in cumulatives]
     plan = _plan((directions, cumulatives))
     device = directions[0].device
-    partials = torch.empty(3, plan.n_slots, dtype=torch.float32, device=device)
+    partials = torch.empty(3, plan.n_slots, dtype=torch.float64, device=device)
     for launch in plan.launches:
         n_chunks = launch.chunks.shape[1]
         if n_chunks == 0:
@@ -287,7 +298,7 @@ def multi_tensor_reduce(
             ALIGNED=launch.aligned, BLOCK=BLOCK, ITERS=ITERS, num_warps=4,
         )  # fmt: skip
     n_tensors = len(directions)
-    out = torch.empty(3, n_tensors, dtype=torch.float32, device=device)
+    out = torch.empty(3, n_tensors, dtype=torch.float64, device=device)
     _segment_sum_kernel[(n_tensors,)](
         partials, plan.segments, out, n_tensors, plan.n_slots, ROWS=3, BLOCK=_SEGMENT_BLOCK, num_warps=1
     )
@@ -302,15 +313,16 @@ def multi_tensor_apply(
 ) -> None:
     """``P_i += coefs[i]·D_i`` and ``C_i += coefs[i]·D_i`` in place, for every tensor i.
 
-    ``coefs`` is an fp32 vector of length ``len(params)`` on the tensors' device; a zero
-    coefficient leaves that P and C bit-identical, even where D holds NaN or Inf. ``params`` and
-    ``cumulatives`` must be contiguous. One launch per dtype triple.
+    ``coefs`` is an fp32 or float64 vector of length ``len(params)`` on the tensors' device (float64:
+    coefficients beyond fp32's range, ``u/‖D‖`` of an extreme ``D``, still give the step to fp32
+    accuracy); a zero coefficient leaves that P and C bit-identical, even where D holds NaN or Inf.
+    ``params`` and ``cumulatives`` must be contiguous. One launch per dtype triple.
     """
     op = "multi_tensor_apply"
     _check(op, ("params", "directions", "cumulatives"), (params, directions, cumulatives))
-    if coefs.dim() != 1 or coefs.numel() != len(params) or coefs.dtype != torch.float32:
+    if coefs.dim() != 1 or coefs.numel() != len(params) or coefs.dtype not in (torch.float32, torch.float64):
         raise ValueError(
-            f"{op}: coefs must be an fp32 vector of length {len(params)}, "
+            f"{op}: coefs must be an fp32 or float64 vector of length {len(params)}, "
             f"got {coefs.dtype} of shape {tuple(coefs.shape)}"
         )
     if params and coefs.device != params[0].device:

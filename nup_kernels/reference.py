@@ -1,8 +1,13 @@
 """The pure-PyTorch oracle of every kernel, which is also the CPU path.
 
 Shapes: ``x`` is ``(B, n_in)``, ``weight`` and ``grad`` are ``(n_out, n_in)``, ``h``, ``y``,
-``dy`` and ``delta`` are ``(B, n_out)``. Statistics are fp32 0-dim tensors, whatever the input
-dtype. Nothing here syncs with the host.
+``dy`` and ``delta`` are ``(B, n_out)``. Nothing here syncs with the host.
+
+Extreme but finite gradients (issue #13): norms and the multi-tensor sums are accumulated and
+returned in float64, where the square of any finite fp32/bf16/fp16 value neither overflows nor
+underflows, and updates form ``coef·G`` in float64 (``coef`` may lie outside fp32's range) and
+round once to the parameter's dtype, as the kernels' fp64 statistics and exact power-of-two
+scaled steps do.
 """
 
 from __future__ import annotations
@@ -46,20 +51,20 @@ def linear_act_backward_dx(delta: torch.Tensor, weight: torch.Tensor, alpha: flo
 
 
 def linear_act_backward_dw(delta: torch.Tensor, x: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``G = α·δᵀ x`` (fp32, ``(n_out, n_in)``) and ``‖G‖²`` (fp32, 0-dim)."""
+    """``G = α·δᵀ x`` (fp32, ``(n_out, n_in)``) and ``‖G‖²`` (float64, 0-dim: finite for any finite ``G``)."""
     g = alpha * (delta.float().t() @ x.float())
-    return g, g.square().sum()
+    return g, torch.linalg.vector_norm(g, dtype=torch.float64).square()
 
 
 def bias_grad(delta: torch.Tensor, bias_scale: float) -> torch.Tensor:
-    """``db = bias_scale·Σ_B δ``, fp32, shape ``(n_out,)``."""
-    return bias_scale * delta.float().sum(0)
+    """``db = bias_scale·Σ_B δ``, fp32 (float64 for a float64 δ), shape ``(n_out,)``."""
+    return bias_scale * delta.to(accumulate_dtype(delta)).sum(0)
 
 
 def grad_norm_sq_gram(x: torch.Tensor, delta: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``‖α·δᵀx‖²_F = α²·⟨x xᵀ, δ δᵀ⟩_F`` from two B×B Gram matrices; G is never formed."""
-    xf, df = x.float(), delta.float()
-    return (alpha * alpha) * ((xf @ xf.t()) * (df @ df.t())).sum()
+    """``‖α·δᵀx‖²_F = α²·⟨x xᵀ, δ δᵀ⟩_F`` from two B×B Gram matrices (float64, 0-dim); G is never formed."""
+    xf, df = x.double(), delta.double()
+    return (float(alpha) ** 2) * ((xf @ xf.t()) * (df @ df.t())).sum()
 
 
 def apply_update(
@@ -76,15 +81,17 @@ def apply_update(
     """Apply ``ΔW = coef·G`` to W and to the cumulative update, in place; return ``⟨ΔW, C_old⟩``.
 
     ``G`` is ``grad`` (materialized) or the rank-B product ``α·δᵀx`` (small batch). ``coef`` is
-    a 0-dim fp32 tensor, ``−η·s/‖G‖``, or 0 to skip: a skipped update leaves W and C
-    bit-identical, even when G holds NaN or Inf. With ``cumulative_is_init`` the buffer holds
-    ``P_0`` (fp32 weights only) and ``C_old = W − P_0``; it is then left untouched.
-    Returns an fp32 0-dim tensor.
+    a 0-dim fp32 or float64 tensor, ``−η·s/‖G‖`` (float64 when it may leave fp32's range), or 0 to
+    skip: a skipped update leaves W and C bit-identical, even when G holds NaN or Inf. The step
+    ``coef·G`` and the new values are formed in float64 and rounded once to W's and C's dtypes. With
+    ``cumulative_is_init`` the buffer holds ``P_0`` (fp32 weights only) and ``C_old = W − P_0``; it
+    is then left untouched. Returns an fp32 0-dim tensor.
     """
     if grad is None:
         assert x is not None and delta is not None
-        grad = alpha * (delta.float().t() @ x.float())
-    acc = accumulate_dtype(weight)
+        kind = accumulate_dtype(weight)  # G in fp32, or float64 for float64 weights
+        grad = alpha * (delta.to(kind).t() @ x.to(kind))
+    acc = torch.float64
     step = coef.to(acc) * grad.to(acc)
     keep = coef == 0
     c_old = weight.to(acc) - cumulative.to(acc) if cumulative_is_init else cumulative.to(acc)
@@ -98,12 +105,14 @@ def apply_update(
 def multi_tensor_reduce(
     directions: list[torch.Tensor], cumulatives: list[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per tensor ``‖D‖²``, ``⟨D, C⟩`` and ``‖C‖²``, each an fp32 vector of length ``len(D)`` (accumulated in
-    float64 for float64 tensors)."""
-    acc = [accumulate_dtype(d) for d in directions]
-    d_sq = torch.stack([d.to(a).square().sum().float() for d, a in zip(directions, acc)])
-    dc = torch.stack([(d.to(a) * c.to(a)).sum().float() for d, c, a in zip(directions, cumulatives, acc)])
-    c_sq = torch.stack([c.to(a).square().sum().float() for c, a in zip(cumulatives, acc)])
+    """Per tensor ``‖D‖²``, ``⟨D, C⟩`` and ``‖C‖²``, each a float64 vector of length ``len(D)``, accumulated
+    in float64 (for 16/32-bit tensors: finite and non-zero for any finite non-zero ``D``)."""
+    if not directions:
+        empty = torch.zeros(0, dtype=torch.float64)
+        return empty, empty.clone(), empty.clone()
+    d_sq = torch.stack([torch.linalg.vector_norm(d, dtype=torch.float64).square() for d in directions])
+    dc = torch.stack([(d.double() * c.double()).sum() for d, c in zip(directions, cumulatives)])
+    c_sq = torch.stack([torch.linalg.vector_norm(c, dtype=torch.float64).square() for c in cumulatives])
     return d_sq, dc, c_sq
 
 
@@ -115,10 +124,11 @@ def multi_tensor_apply(
 ) -> None:
     """``P += coef_i·D``, ``C += coef_i·D`` for every tensor i, in place.
 
-    ``coefs`` is an fp32 vector; a zero coefficient leaves that P and C bit-identical.
+    ``coefs`` is an fp32 or float64 vector; the step and the new values are formed in float64 and rounded
+    once to each tensor's dtype. A zero coefficient leaves that P and C bit-identical.
     """
     for i, (p, d, c) in enumerate(zip(params, directions, cumulatives)):
-        coef, acc = coefs[i], accumulate_dtype(p)
+        coef, acc = coefs[i], torch.float64
         keep = coef == 0
         step = coef.to(acc) * d.to(acc)
         p.copy_(torch.where(keep, p, (p.to(acc) + step).to(p.dtype)))  # kept: every bit

@@ -27,7 +27,7 @@ def test_partials_sum_to_the_norm(batch, n_in, n_out, poison_empty):
 
 def test_out_is_written_in_place_and_checked():
     x, delta = torch.randn(20, 300), torch.randn(20, 90)
-    out = torch.full((grad_norm_sq_partials_size(20, 300, 90),), float("nan"))
+    out = torch.full((grad_norm_sq_partials_size(20, 300, 90),), float("nan"), dtype=torch.float64)
     assert grad_norm_sq_partials(x, delta, 2.0, out=out) is out
     torch.testing.assert_close(out.sum(), reference.grad_norm_sq_gram(x, delta, 2.0), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="grad_norm_sq_partials_size"):
@@ -37,7 +37,7 @@ def test_out_is_written_in_place_and_checked():
 def test_deterministic_and_clamped_at_zero():
     x, delta = torch.randn(70, 431), torch.randn(70, 130)
     a, b = grad_norm_sq_partials(x, delta, 1.0), grad_norm_sq_partials(x, delta, 1.0)
-    assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+    assert torch.equal(a.view(torch.int64), b.view(torch.int64))
     # G = δᵀx vanishes (paired rows cancel): the result is 0 or a rounding-sized positive number, never negative
     x1, d1 = torch.randn(8, 300), torch.randn(8, 200)
     out = grad_norm_sq_gram(torch.cat([x1, x1]), torch.cat([d1, -d1]), 1.0)

@@ -65,9 +65,10 @@ def test_float64_on_the_multi_tensor_path(monkeypatch):
     d = [torch.randn(33, dtype=torch.float64), torch.randn(17, 5, dtype=torch.float64)]
     c = [torch.randn_like(t) for t in d]
     d_sq, dc, c_sq = multi_tensor.multi_tensor_reduce(d, c)
-    for i in range(2):  # accumulated in float64, returned as the contract's fp32 vectors
-        assert d_sq[i] == d[i].square().sum().float() and c_sq[i] == c[i].square().sum().float()
-        assert dc[i] == (d[i] * c[i]).sum().float()
+    for i in range(2):  # accumulated and returned in float64
+        for out, want in ((d_sq, d[i].square().sum()), (c_sq, c[i].square().sum()), (dc, (d[i] * c[i]).sum())):
+            assert out.dtype == torch.float64
+            torch.testing.assert_close(out[i], want, rtol=1e-14, atol=0)
     p = [torch.randn_like(t) for t in d]
     p0, c0 = [t.clone() for t in p], [t.clone() for t in c]
     coefs = torch.tensor([-1e-3, 0.0])
