@@ -183,7 +183,7 @@ class _LayerUpdate:
         else:
             g, scale = reference.linear_act_backward_dw(delta, x, alpha)[0], 1.0
         gram = grams_beat_a_read(batch, n_in, n_out)
-        g_sq = _grad_norm_sq(x, delta, alpha, g, scale, gram, torch.float32)
+        g_sq = _grad_norm_sq(x, delta, alpha, g, scale, gram, torch.promote_types(w.dtype, torch.float32))
         if not _NORM_SQ_EXACT[0] < g_sq < _NORM_SQ_EXACT[1]:  # 0, tiny, huge or not finite: redo in float64
             g_sq = _grad_norm_sq(x, delta, alpha, g, scale, gram, torch.float64)
         d_norm = math.sqrt(g_sq) if g_sq >= 0.0 else math.nan

@@ -135,8 +135,9 @@ def update_and_dot(
     if loop_ready(weight, cumulative, grad):
         fn = _loop_library().nup_update_dot
         return fn(weight.data_ptr(), cumulative.data_ptr(), grad.data_ptr(), weight.numel(), coef, int(init))
-    g = grad.float().reshape(-1)
-    c_old = weight.float() - cumulative.float() if init else cumulative.float()
+    acc = torch.promote_types(weight.dtype, torch.float32)  # float64 tensors: float64 statistics
+    g = grad.to(acc).reshape(-1)
+    c_old = weight.to(acc) - cumulative.to(acc) if init else cumulative.to(acc)
     dot = float(torch.dot(g, c_old.reshape(-1)))
     weight.add_(grad.to(weight.dtype), alpha=coef)
     if not init:

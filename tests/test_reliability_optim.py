@@ -371,3 +371,22 @@ def test_fused_cpu_step_does_not_care_about_the_gradients_scale(value, bias, mon
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(stats["update_norm"], ref_stats["update_norm"], rtol=1e-5, atol=0)
+
+
+def test_fused_cpu_float64_agrees_with_the_float64_drop_in_step(monkeypatch):
+    monkeypatch.setenv("NUP_BACKEND", "reference")
+    x, y = torch.randn(16, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2)), torch.arange(16) % 3
+    params = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = NuMLP(8, 3, 3, 2).double()
+        opt = NuP(model.named_parameters(), lr=0.1, fused=fused)
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        assert opt.stat_vectors()["skipped"].sum().item() == 0
+        params.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*params):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)  # η·s_P are fp32 numbers on both paths
