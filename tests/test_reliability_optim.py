@@ -389,4 +389,4 @@ def test_fused_cpu_float64_agrees_with_the_float64_drop_in_step(monkeypatch):
         params.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*params):
         assert a.dtype == torch.float64
-        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)  # η·s_P are fp32 numbers on both paths
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)  # η, s_P and λ are fp32 numbers on both paths
