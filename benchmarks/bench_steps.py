@@ -2,7 +2,8 @@
 
 Every case runs each provider of :data:`common.STEP_PROVIDERS` back to back, so the ratios to
 ``plain_torch`` come from one run; each provider also times pairs of (its step, a plain-torch
-step) for the paired ratio of :func:`common.paired_ratio`. In quick mode the compiled providers
+step) for the paired ratio of :func:`common.paired_ratio`, and pairs with its own reference
+(:data:`common.STEP_REFERENCES`) for the paired ratio the targets are stated in. In quick mode the compiled providers
 skip on CPU, where compiling takes about a minute.
 """
 
@@ -31,4 +32,8 @@ def test_step(benchmark, step_case: common.StepCase, provider: str, bench_option
     baseline = (
         None if provider == common.STEP_BASELINE else common.build_step(common.STEP_BASELINE, step_case, dev)
     )
-    common.run_benchmark(benchmark, step.run, dev, bench_options, extra, baseline and baseline.run)
+    ref_name = common.STEP_REFERENCES.get(provider)
+    reference = None if ref_name is None else common.build_step(ref_name, step_case, dev)
+    common.run_benchmark(
+        benchmark, step.run, dev, bench_options, extra, baseline and baseline.run, reference and reference.run
+    )

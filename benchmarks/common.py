@@ -384,11 +384,14 @@ def run_benchmark(
     options: dict,
     extra: dict,
     baseline: Callable[[], object] | None = None,
+    reference: Callable[[], object] | None = None,
 ) -> None:
     """Warm ``fn`` up, pick the rounds from ``options['budget_s']`` and time it with pytest-benchmark.
 
     With ``baseline`` (the same case's baseline provider), also record ``paired_ratio``
-    (:func:`paired_ratio`, over the same number of rounds); the baseline itself records 1.0.
+    (:func:`paired_ratio`, over the same number of rounds); the baseline itself records 1.0. With
+    ``reference`` (the provider's own reference, :data:`STEP_REFERENCES`), likewise
+    ``paired_ratio_ref``: the ratio the targets are stated in, immune to drift between providers.
     """
 
     def call() -> None:
@@ -407,5 +410,9 @@ def run_benchmark(
         for _ in range(options["warmup"]):
             time_once(baseline, dev)
         benchmark.extra_info["paired_ratio"] = paired_ratio(fn, baseline, dev, rounds)
+    if reference is not None:
+        for _ in range(options["warmup"]):
+            time_once(reference, dev)
+        benchmark.extra_info["paired_ratio_ref"] = paired_ratio(fn, reference, dev, rounds)
     if hasattr(os, "getloadavg"):  # other work on the machine skews the times: keep the evidence
         benchmark.extra_info["load_avg_1m"] = round(os.getloadavg()[0], 2)

@@ -51,7 +51,7 @@ LABELS = {
 }
 CSV_COLUMNS = (
     "suite", "case", "provider", "impl", "median_ms", "iqr_ms", "min_ms", "rounds", "ratio_vs_torch",
-    "reference", "ratio_vs_reference",
+    "reference", "ratio_vs_reference", "paired_ratio_vs_reference",
     "paired_ratio_vs_torch", "min_ratio_vs_torch", "bytes_per_s", "tflops", "traffic_path", "device_name",
     "cores", "torch", "triton",
 )  # fmt: skip
@@ -192,6 +192,7 @@ def summarize(raw: dict, skipped: list[dict], suite: str, quick: bool, command: 
         r["ratio_vs_torch"] = r["median_ms"] / b["median_ms"] if b else None
         r["min_ratio_vs_torch"] = r["min_ms"] / b["min_ms"] if b else None
         r["paired_ratio_vs_torch"] = r.pop("paired_ratio", None)
+        r["paired_ratio_vs_reference"] = r.pop("paired_ratio_ref", None)
     created = raw.get("datetime") or datetime.datetime.now(datetime.timezone.utc).isoformat()
     return {"machine": machine, "date": created[:10], "created": created, "suite": suite, "quick": quick,
             "command": command, "records": records, "skipped": skipped}  # fmt: skip
@@ -217,7 +218,9 @@ def headline_lines(records: list[dict]) -> list[str]:
     ]  # fmt: skip
     lines += [
         f"depth {HEADLINE_DEPTH}, batch {r['batch']}: {LABELS[r['provider']]} / {LABELS[r['reference']]} "
-        f"= {r['ratio_vs_reference']:.3f}x (medians)"
+        f"= {r['ratio_vs_reference']:.3f}x (medians"
+        + ("" if r.get("paired_ratio_vs_reference") is None else f"; paired {r['paired_ratio_vs_reference']:.3f}x")
+        + ")"
         for r in sorted(refs, key=lambda r: (r["batch"], r["provider"]))
     ]
     return lines

@@ -32,6 +32,7 @@ def test_quick_run_writes_ratio_tables(tmp_path):
     for r in steps:
         if r["provider"] in ("nup_fused", "nup_dropin", "nup_wrapper_adam"):
             assert r["ratio_vs_reference"] > 0 and r["reference"] in providers
+            assert r["paired_ratio_vs_reference"] > 0  # timed in pairs with its own reference
     launches = result["launches"]
     assert set(launches) >= {"plain_torch", "nup_dropin", "nup_fused", "nup_wrapper_adam"}, launches
     assert launches["nup_fused"]["per_layer"] <= 6 and launches["plain_torch"]["per_layer"] >= 1
@@ -75,7 +76,8 @@ def test_summarize_divides_by_the_same_cases_baseline():
         "datetime": "2025-01-02T03:04:05",
         "benchmarks": [
             _bench("steps", "a", "plain_torch", "plain_torch", 0.002, bytes=4e6, flops=1e9),
-            _bench("steps", "a", "nup_dropin", "plain_torch", 0.005, bytes=4e6, flops=1e9, paired_ratio=2.4),
+            _bench("steps", "a", "nup_dropin", "plain_torch", 0.005, bytes=4e6, flops=1e9, paired_ratio=2.4,
+                   reference="plain_torch", paired_ratio_ref=2.3),
             _bench("steps", "b", "nup_dropin", "plain_torch", 0.001, bytes=None, flops=None),
             _bench("kernels", "a", "nup", "torch", 0.003, bytes=6e3, flops=None),
             _bench("kernels", "a", "torch", "torch", 0.001, bytes=6e3, flops=None),
@@ -86,6 +88,8 @@ def test_summarize_divides_by_the_same_cases_baseline():
     assert by["steps", "a", "nup_dropin"]["ratio_vs_torch"] == pytest.approx(2.5)
     assert by["steps", "a", "nup_dropin"]["min_ratio_vs_torch"] == pytest.approx(2.5)
     assert by["steps", "a", "nup_dropin"]["paired_ratio_vs_torch"] == 2.4
+    assert by["steps", "a", "nup_dropin"]["paired_ratio_vs_reference"] == 2.3
+    assert by["steps", "a", "nup_dropin"]["ratio_vs_reference"] == pytest.approx(2.5)
     assert by["steps", "a", "plain_torch"]["ratio_vs_torch"] == 1.0
     assert by["steps", "b", "nup_dropin"]["ratio_vs_torch"] is None  # its baseline did not run
     assert by["kernels", "a", "nup"]["ratio_vs_torch"] == pytest.approx(3.0)
