@@ -127,10 +127,12 @@ class FusedStep:
             core.finish_from_norms(g, idx, self.rates, b["d_norm"], b["dot"], exact, opt.schedule)
             return
         eta, scales, normalize = (core.pick(v, idx) for v in self.rates)
-        d_norm = torch.tensor(self.host["d_norm"], dtype=torch.float32, device=device)
+        # float64: a norm beyond fp32's range (a float64 G, or fp32 entries near 1e38) stays what the loop used
+        d_norm = torch.tensor(self.host["d_norm"], dtype=torch.float64, device=device)
         dot = torch.tensor(self.host["dot"], dtype=torch.float32, device=device)
         self.host = None
         ok, _, u = core.coefficients(core.pick(d_norm, idx), eta, scales, normalize)
+        u = u.float()
         # a skipped tensor's dot is 0 already (its kernel or loop did not run)
         core.finish_step(g, idx, eta, ok, u, core.pick(dot, idx), core.pick(g["c_norm"], idx), exact, opt.schedule)
 
@@ -173,20 +175,24 @@ class _LayerUpdate:
 
     def _update_cpu(self, layer, x, delta, c_w, c_b, init: bool) -> None:
         """BLAS: ``G/α = δᵀx`` into a reused buffer, ``‖G‖`` from the B×B Grams where they beat a read of
-        G, then the one-loop update. A norm out of fp32's exact range is redone in float64, and a
+        G, then the one-loop update. A norm out of the fast sum's exact range is redone as nup.norms does, and a
         coefficient out of fp32's normal range steps along the unit direction instead (as the drop-in
         path does: any finite, non-zero G takes its step)."""
         fused, w, alpha = self.fused, layer.weight, layer.alpha
         batch, (n_out, n_in) = x.shape[0], w.shape
         if w.dtype == x.dtype == torch.float32:
             g, scale = torch.mm(delta.t(), x, out=self.buffer("grad", (n_out, n_in), w)), alpha  # G/α
-        else:
-            g, scale = reference.linear_act_backward_dw(delta, x, alpha)[0], 1.0
+        else:  # G/α in fp32, or float64 for float64 tensors
+            acc = torch.promote_types(w.dtype, torch.float32)
+            g, scale = delta.to(acc).t() @ x.to(acc), alpha
         gram = grams_beat_a_read(batch, n_in, n_out)
-        g_sq = _grad_norm_sq(x, delta, alpha, g, scale, gram, torch.promote_types(w.dtype, torch.float32))
-        if not _NORM_SQ_EXACT[0] < g_sq < _NORM_SQ_EXACT[1]:  # 0, tiny, huge or not finite: redo in float64
-            g_sq = _grad_norm_sq(x, delta, alpha, g, scale, gram, torch.float64)
-        d_norm = math.sqrt(g_sq) if g_sq >= 0.0 else math.nan
+        acc = torch.promote_types(w.dtype, torch.float32)
+        g_sq = _grad_norm_sq(x, delta, alpha, g, scale, gram, acc)
+        lo, hi = _NORM_SQ_EXACT[acc]
+        if lo < g_sq < hi:
+            d_norm = math.sqrt(g_sq)
+        else:  # 0, tiny, huge or not finite: the norm of the materialized G that neither overflows nor underflows
+            d_norm = float(direction_norms([g], True)[0]) * scale
         coef = fused.host_coefficient(self.index_w, d_norm)
         fused.file_host(self.index_w, d_norm, _step_cpu(w, c_w, g, coef, scale, d_norm, init))
         if layer.bias is not None:
@@ -234,8 +240,8 @@ class _LayerUpdate:
         return gram_norm.grad_norm_sq_partials(x, delta, alpha, out=out)
 
 
-#: fp32 sums of squares inside these bounds are exact to rounding (no overflow, no underflow)
-_NORM_SQ_EXACT = (1e-30, 1e30)
+#: sums of squares inside these bounds are exact to rounding (no overflow, no underflow), per accumulation dtype
+_NORM_SQ_EXACT = {torch.float32: (1e-30, 1e30), torch.float64: (1e-290, 1e290)}
 #: a read of G (memory-bound) costs about this many Gram multiply-adds (compute-bound BLAS on B×n)
 _GRAM_MACS_PER_READ = 8
 #: G smaller than this (bytes) is still in cache when it is read: the read then beats the Grams
@@ -304,7 +310,7 @@ class _LinearActUpdate(torch.autograd.Function):
         elif ctx.kernels:
             delta = activation_delta(dy, saved, act)
         elif cpu.folds_into_blas(act) and x.dtype == weight.dtype:
-            delta = cpu.output_delta(dy, saved, act).float()
+            delta = cpu.output_delta(dy, saved, act).to(torch.promote_types(dy.dtype, torch.float32))
         else:
             delta = reference.activation_delta(dy, saved, act, act.grad_from_output)
         if ctx.needs_input_grad[0] and not ctx.kernels:  # uses the old W: computed before the update

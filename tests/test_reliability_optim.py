@@ -389,4 +389,23 @@ def test_fused_cpu_float64_agrees_with_the_float64_drop_in_step(monkeypatch):
         params.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*params):
         assert a.dtype == torch.float64
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)  # η, s_P and λ are fp32 numbers on both paths
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)  # float64 arithmetic on both paths
+
+
+@pytest.mark.parametrize("value", [1e200, 1e-200])
+def test_fused_cpu_float64_step_does_not_care_about_the_gradients_scale(value, monkeypatch):
+    """float64 on the fused CPU path: a G beyond the float64 sum of squares' range takes its step."""
+    monkeypatch.setenv("NUP_BACKEND", "reference")
+    x = torch.randn(16, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    y = torch.arange(16) % 3
+    params = []
+    for scale in (1.0, value):
+        torch.manual_seed(0)
+        model = NuMLP(8, 3, 3, 2).double()
+        opt = NuP(model.named_parameters(), lr=0.1, fused=True)
+        (scale * F.cross_entropy(model(x), y)).backward()
+        opt.step()
+        assert opt.stat_vectors()["skipped"].sum().item() == 0
+        params.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*params):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
