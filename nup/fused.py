@@ -180,13 +180,13 @@ class _LayerUpdate:
         path does: any finite, non-zero G takes its step)."""
         fused, w, alpha = self.fused, layer.weight, layer.alpha
         batch, (n_out, n_in) = x.shape[0], w.shape
+        acc = torch.promote_types(w.dtype, torch.float32)  # float64 tensors: float64 G and statistics
         if w.dtype == x.dtype == torch.float32:
-            g, scale = torch.mm(delta.t(), x, out=self.buffer("grad", (n_out, n_in), w)), alpha  # G/α
-        else:  # G/α in fp32, or float64 for float64 tensors
-            acc = torch.promote_types(w.dtype, torch.float32)
-            g, scale = delta.to(acc).t() @ x.to(acc), alpha
+            g = torch.mm(delta.t(), x, out=self.buffer("grad", (n_out, n_in), w))  # G/α
+        else:
+            g = delta.to(acc).t() @ x.to(acc)
+        scale = alpha
         gram = grams_beat_a_read(batch, n_in, n_out)
-        acc = torch.promote_types(w.dtype, torch.float32)
         g_sq = _grad_norm_sq(x, delta, alpha, g, scale, gram, acc)
         lo, hi = _NORM_SQ_EXACT[acc]
         if lo < g_sq < hi:
