@@ -26,7 +26,7 @@ from nup.parameterization import (
 from nup_kernels.activations import NAMED, Activation, get_activation
 from nup_kernels.backend import use_triton
 from nup_kernels.cpu import ScaledLinearAct, folds_into_blas
-from nup_kernels.linear_act import linear_act
+from nup_kernels.linear_act_autograd import linear_act
 
 READOUTS = ("mup", "ntk")
 

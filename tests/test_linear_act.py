@@ -10,6 +10,7 @@ import torch
 from nup_kernels import linear_act as la
 from nup_kernels import reference as ref
 from nup_kernels.activations import get_activation
+from nup_kernels.linear_act_autograd import linear_act
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ACTS = ["relu", "abs", "leaky_relu:0.1", "linear_abs:0.3,0.7", "identity", "tanh", "gelu", "silu"]
@@ -153,7 +154,7 @@ def test_linear_act_autograd_matches_torch(act_name, bias):
         h = ALPHA * torch.nn.functional.linear(x, w)
         return act(h + BIAS_SCALE * b if b is not None else h)
 
-    got = run(lambda x, w, b: la.linear_act(x, w, b, ALPHA, BIAS_SCALE, act_name))
+    got = run(lambda x, w, b: linear_act(x, w, b, ALPHA, BIAS_SCALE, act_name))
     want = run(plain)
     assert got[0].shape == (2, 17, 16)
     for out, exp in zip(got, want, strict=True):
@@ -169,7 +170,7 @@ def test_linear_act_backward_from_broadcast_grad():
     x, w, b = make((17, 33, 16))
     w.requires_grad_()
     b.requires_grad_()
-    la.linear_act(x, w, b, ALPHA, BIAS_SCALE, "tanh").sum().backward()
+    linear_act(x, w, b, ALPHA, BIAS_SCALE, "tanh").sum().backward()
     want = ref_all(x, w.detach(), b.detach(), torch.ones(17, 16, device=DEVICE), get_activation("tanh"))
     assert_close(w.grad, want["g"])
     assert_close(b.grad, want["db"])
@@ -178,10 +179,10 @@ def test_linear_act_backward_from_broadcast_grad():
 def test_linear_act_reference_path_agrees(monkeypatch):
     x, w, b = make((16, 17, 33))
     args = [t.clone().requires_grad_() for t in (x, w, b)]
-    y = la.linear_act(*args, ALPHA, BIAS_SCALE, "silu")
+    y = linear_act(*args, ALPHA, BIAS_SCALE, "silu")
     grads = torch.autograd.grad(y.square().sum(), args)
     monkeypatch.setenv("NUP_BACKEND", "reference")
-    y_ref = la.linear_act(*args, ALPHA, BIAS_SCALE, "silu")
+    y_ref = linear_act(*args, ALPHA, BIAS_SCALE, "silu")
     grads_ref = torch.autograd.grad(y_ref.square().sum(), args)
     assert_close(y, y_ref)
     for g, g_ref in zip(grads, grads_ref, strict=True):
@@ -191,7 +192,7 @@ def test_linear_act_reference_path_agrees(monkeypatch):
 def test_float64_takes_reference_path():
     x, w, b = make((4, 16, 8), dtype=torch.float64)
     x.requires_grad_()
-    y = la.linear_act(x, w, b, ALPHA, BIAS_SCALE, "gelu")
+    y = linear_act(x, w, b, ALPHA, BIAS_SCALE, "gelu")
     assert y.dtype == torch.float64
     (dx,) = torch.autograd.grad(y.sum(), x)
     assert dx.dtype == torch.float64
@@ -229,7 +230,7 @@ def test_launchers_run_float64_operands_in_float64(act_name):
 def test_custom_activation_takes_reference_path():
     x, w, _ = make((4, 16, 8))
     x.requires_grad_()
-    y = la.linear_act(x, w, activation=torch.sin)
+    y = linear_act(x, w, activation=torch.sin)
     assert_close(y, torch.sin(x @ w.t()))
     (dx,) = torch.autograd.grad(y.sum(), x)
     assert_close(dx, torch.cos(x @ w.t()) @ w)
@@ -289,15 +290,15 @@ def test_bad_inputs_raise_clear_errors():
     act = get_activation("relu")
     x, w, bias = make((4, 16, 8))
     with pytest.raises(ValueError, match="x has 17 features but weight"):
-        la.linear_act(torch.randn(4, 17, device=DEVICE), w)
+        linear_act(torch.randn(4, 17, device=DEVICE), w)
     with pytest.raises(ValueError, match=r"bias has shape \(9,\)"):
-        la.linear_act(x, w, torch.randn(9, device=DEVICE))
+        linear_act(x, w, torch.randn(9, device=DEVICE))
     with pytest.raises(TypeError, match="cast x to the weight's dtype"):
-        la.linear_act(x.half(), w)
+        linear_act(x.half(), w)
     with pytest.raises(TypeError, match="use float32, float16 or bfloat16"):
-        la.linear_act(x.int(), w.int())
+        linear_act(x.int(), w.int())
     with pytest.raises(ValueError, match="different devices"):
-        la.linear_act(x, torch.empty(8, 16, device="meta"))
+        linear_act(x, torch.empty(8, 16, device="meta"))
     with pytest.raises(ValueError, match="must be 2-D"):
         la.linear_act_forward(x[0], w, None, 1.0, 1.0, act)
     y, saved = la.linear_act_forward(x, w, bias, 1.0, 1.0, act)
@@ -308,4 +309,4 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="pass the layer input x"):
         la.linear_act_backward_dw(y, saved, x[:3], 1.0, act)
     with pytest.raises(ValueError, match="unknown activation"):
-        la.linear_act(x, w, activation="relu6")
+        linear_act(x, w, activation="relu6")
