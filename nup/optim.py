@@ -24,7 +24,6 @@ skipped with it. The cumulative update ``C`` (and so cos and ‖C‖) holds the 
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -40,25 +39,15 @@ from nup.scales import Overrides, check_overrides, resolve_scale
 from nup.scales import default_scale as default_scale  # re-exported: nup.optim.default_scale
 from nup.schedule import ConstantSchedule, MultiplierSchedule
 from nup.step_core import GLOBAL_KEY as _GLOBAL
+from nup.wrapper_mode import PASS_THROUGH, WrapperMode, host_readable
 from nup_kernels import cpu, multi_tensor
 from nup_kernels.backend import use_triton
 
 CUMULATIVE_MODES = ("delta", "init")
 STAT_KEYS = ("update_norm", "cos", "c_norm", "coherence", "lr", "skipped")
-PASS_THROUGH = ("momentum", "betas")  # group keys copied to the base's groups before every base step
 
 
-def _host_readable(t: torch.Tensor) -> bool:
-    """True for CPU tensors: there is no device queue, so reading a value costs no sync."""
-    return t.device.type == "cpu"
-
-
-def _stored(grads: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The local (DTensor) dense storage of each gradient: a sparse gradient's stored values."""
-    return [g._values() if g.is_sparse else g for g in _local(grads)]
-
-
-class NuP(torch.optim.Optimizer):
+class NuP(WrapperMode, torch.optim.Optimizer):
     """Normalized-update optimizer with update geometry. A real ``torch.optim.Optimizer``.
 
     Args:
@@ -187,20 +176,6 @@ class NuP(torch.optim.Optimizer):
         if bases:
             self._base_targets = None
 
-    def _pass_through(self) -> None:
-        """Copy each group's ``momentum``/``betas`` to the base groups holding its tensors."""
-        targets = getattr(self, "_base_targets", None)
-        if targets is None or len(targets) != len(self.param_groups):
-            where = {id(p): bg for b in self.bases for bg in b.param_groups for p in bg["params"]}
-            targets = [list({id(where[id(p)]): where[id(p)] for p in g["params"]}.values()) for g in self.param_groups]
-            self._base_targets = targets
-        for group, base_groups in zip(self.param_groups, targets):
-            for key in PASS_THROUGH:
-                if key in group:
-                    for bg in base_groups:
-                        if key in bg:
-                            bg[key] = group[key]
-
     def scales(self) -> dict[str, float | None]:
         """``{name: s_P}`` as applied to each tensor; None for a tensor that is not normalized (see the module doc)."""
         scales, normalize = self._scales(torch.device("cpu"))
@@ -320,122 +295,6 @@ class NuP(torch.optim.Optimizer):
             for p, o in zip(params, old):
                 p.copy_(o)
 
-    def _wrapper_step(
-        self, params: list[torch.Tensor], active: list[int], act_params: list[torch.Tensor], device: torch.device
-    ) -> None:
-        """Wrapper mode: the base's step, normalized. The base steps the parameters in place from a
-        copy ``old``; the direction is ``D = old − P`` and ``P = old + coef·D``.
-
-        A non-finite gradient anywhere skips the whole step, the base's included (like torch's
-        GradScaler), and counts every tensor as skipped. On CPU the base is then not called; on CUDA
-        (no host sync) a base that takes ``found_inf`` (torch's fused optimizers) skips on device,
-        and any other base steps on gradients with the non-finite entries zeroed (its state stays
-        finite) while every parameter is restored. A zero gradient is no special case: the base's
-        move is normalized; when the base does not move (SGD or Adam at step 0 without weight decay)
-        ``‖D‖ = 0`` and the tensor is left bit-identical.
-        """
-        cumulatives = [self._cumulative_buffer(p) for p in act_params]
-        grads = [p.grad for p in act_params]
-        every = torch.ones(len(act_params), dtype=torch.bool, device=device)
-        if self._rebase_ready(act_params, cumulatives, grads):  # CPU, fp32: snapshot and check in one pass
-            old = self._wrapper_scratch(act_params)
-            if cpu.snapshot_if_finite(old, [p.detach() for p in act_params], grads):
-                self._rebase_step(params, active, act_params, cumulatives, device, old)
-            else:  # skip the base too; record every tensor as skipped
-                self._normalized_step(params, active, act_params, grads, cumulatives, device, every)
-            return
-        found = self._found_non_finite(grads)
-        if _host_readable(found) and not torch.compiler.is_compiling() and bool(found):
-            self._normalized_step(params, active, act_params, grads, cumulatives, device, every)  # skip, as above
-            return
-        for g in _stored(grads):  # the base's state stays finite (it may still step: see above)
-            g.nan_to_num_(0.0, 0.0, 0.0)
-        old = [p.detach().clone() for p in act_params]
-        self._base_step(found)
-        directions = torch._foreach_sub(old, act_params)  # what base moved, as a descent direction
-        for p, o in zip(act_params, old):  # per tensor: DTensor has no foreach_copy_ rule
-            p.copy_(o)
-        self._normalized_step(params, active, act_params, directions, cumulatives, device, every & found)
-
-    def _rebase_ready(self, params: list[torch.Tensor], cumulatives: list[torch.Tensor], grads: list) -> bool:
-        """True when :meth:`_rebase_step` takes this step: eager, delta mode, CPU fp32 dense tensors."""
-        return (
-            not torch.compiler.is_compiling() and self.cumulative == "delta"
-            and all(g is not None and not g.is_sparse for g in grads)
-            and all(cpu.loop_ready(p, c, g) for p, c, g in zip(params, cumulatives, grads))
-        )  # fmt: skip
-
-    def _rebase_step(
-        self, params: list[torch.Tensor], active: list[int], act_params: list[torch.Tensor],
-        cumulatives: list[torch.Tensor], device: torch.device, old: list[torch.Tensor],
-    ) -> None:  # fmt: skip
-        """Wrapper mode on CPU, fp32, after ``old`` took a copy of P: step the base, then per tensor
-        ``‖old − P‖`` and one loop ``P = old + coef·D``, ``C += coef·D``, ``⟨D, C⟩`` (no clone, no sub)."""
-        self._base_step(None)
-        d_sq = [cpu.dist_sq(o, p) for o, p in zip(old, act_params)]
-        if any(v != 0.0 and not 1e-24 < v < 1e24 for v in d_sq):  # extreme but finite: the general path takes it
-            directions = [o - p.detach() for o, p in zip(old, act_params)]
-            for p, o in zip(act_params, old):
-                p.detach().copy_(o)
-            self._normalized_step(params, active, act_params, directions, cumulatives, device)
-            return
-        d_norm = torch.tensor([math.sqrt(v) for v in d_sq], dtype=torch.float32)
-        g = self._global(device)
-        idx = core.active_index(active, len(params), device)
-        eta, scales, normalize = (core.pick(v, idx) for v in self.rates(device))
-        ok, coef, u = core.coefficients(d_norm, eta, scales, normalize)
-        dots = []
-        for p, o, c, cf in zip(act_params, old, cumulatives, coef.tolist()):
-            if cf == 0.0:  # skipped: back to the old bits
-                p.detach().copy_(o)
-                dots.append(0.0)
-            else:
-                dots.append(cpu.rebase_update(p.detach(), o, c, cf))
-        self._rebase_weight_decay(act_params, old, ok, idx, device)
-        exact = None
-        if core.recompute_due(g, self.recompute_every):
-            exact = core.exact_c_norm(act_params, cumulatives, False)
-        dot = coef * torch.tensor(dots, dtype=torch.float32)
-        core.finish_step(g, idx, eta, ok, u, dot, core.pick(g["c_norm"], idx), exact, self.schedule)
-
-    def _wrapper_scratch(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Reused fp32 copies of the parameters (not optimizer state: not in the state dict)."""
-        scratch = self.__dict__.setdefault("_scratch", {})
-        out = []
-        for p in params:
-            t = scratch.get(p)
-            if t is None or t.shape != p.shape:
-                t = scratch[p] = torch.empty_like(p, memory_format=torch.contiguous_format)
-            out.append(t)
-        return out
-
-    def _base_step(self, found: torch.Tensor | None) -> None:
-        """Every base optimizer's step, after this step's ``momentum``/``betas`` reach their groups;
-        ``found`` (0-dim bool, non-finite gradients) goes to the bases that take ``found_inf``."""
-        self._pass_through()
-        for base in self.bases:
-            amp = found is not None and getattr(base, "_step_supports_amp_scaling", False)
-            if amp:
-                base.found_inf = found.float().reshape(1)
-            try:
-                base.step()
-            finally:
-                if amp:
-                    del base.found_inf
-
-    @staticmethod
-    def _found_non_finite(grads: list[torch.Tensor]) -> torch.Tensor:
-        """0-dim bool: some gradient holds NaN or Inf (on DTensor shards: on any rank)."""
-        local = _stored(grads)
-        if not torch.compiler.is_compiling() and all(_host_readable(g) and not hasattr(g, "to_local") for g in grads):
-            return torch.tensor(not cpu.all_finite(local))
-        found = ~torch.stack([torch.isfinite(n) for n in torch._foreach_norm(local, math.inf)]).all()  # max|g|
-        if any(g is not t for g, t in zip(grads, _local(grads))) and torch.distributed.is_initialized():
-            flag = found.to(torch.float32)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # every rank agrees
-            found = flag > 0
-        return found
-
     def rates(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This step's effective lr ``η = group lr · λ``, scales ``s_P`` and normalize mask, each fp32/bool ``[n]``.
 
@@ -481,16 +340,6 @@ class NuP(torch.optim.Optimizer):
         rate = self._group_lr(device) * lam * self._group_vector("weight_decay", device)
         return torch.where(ok, core.pick(rate, idx), 0.0)
 
-    def _rebase_weight_decay(self, params: list[torch.Tensor], old: list[torch.Tensor], ok: torch.Tensor,
-                             idx: torch.Tensor | None, device: torch.device) -> None:
-        """:meth:`_weight_decay` for the CPU rebase path, after its update: ``P −= η·wd·P_t`` (``old`` = ``P_t``)."""
-        shrink = self._decay(ok, idx, device)
-        if shrink is None:
-            return
-        for p, o, s in zip(params, old, shrink.tolist()):
-            if s:
-                p.detach().sub_(o, alpha=s)
-
     def _normalized_step(
         self,
         params: list[torch.Tensor],
@@ -514,7 +363,7 @@ class NuP(torch.optim.Optimizer):
         # the kernels keep C; P_0 and float64 run on foreach; sharded tensors take this path with exact ‖C‖
         wide = any(p.dtype == torch.float64 for p in act_params)
         packed = sharded is not None or (use_triton(act_params[0]) and not init_mode and not wide)
-        host = _host_readable(act_params[0]) and not torch.compiler.is_compiling()  # no host reads in a graph
+        host = host_readable(act_params[0]) and not torch.compiler.is_compiling()  # no host reads in a graph
         if packed:
             d_sq, dc, c_sq = reduce(directions, cumulatives)  # float64 sums: any finite non-zero D gets its step
             d_norm = d_sq.sqrt()  # float64, so coef (possibly beyond fp32's range) is too; the apply takes it
@@ -533,7 +382,7 @@ class NuP(torch.optim.Optimizer):
             directions = list(directions)
             ok, coef, u = representable(directions, ok, coef, u, host)
             c_norm_old = core.pick(g["c_norm"], idx)
-            if _host_readable(ok) and not torch.compiler.is_compiling():
+            if host_readable(ok) and not torch.compiler.is_compiling():
                 # eager CPU: coefficients are free to read; one loop per tensor updates P and C and
                 # accumulates ⟨D, C⟩ (a skipped tensor, coef = 0, is not touched)
                 dc = torch.tensor([

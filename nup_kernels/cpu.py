@@ -26,6 +26,7 @@ import torch
 from nup_kernels.activations import Activation
 
 _LOOP_SOURCE = r"""
+#include <math.h>
 #include <stdint.h>
 /* W += coef*G; C += coef*G (or, with init, C holds P_0 and C_old = W - P_0); returns <G, C_old>. */
 float nup_update_dot(float *restrict w, float *restrict c, const float *restrict g, int64_t n, float coef, int init) {
@@ -82,6 +83,38 @@ float nup_rebase_update(float *restrict p, const float *restrict old, float *res
     }
     return acc;
 }
+/* Adam's direction at entry i after its moments are updated (a torch Adam/AdamW base in wrapper mode):
+   D = step_size*m/(sqrt(v)/bc2s + eps) + dwd*p, as torch's step P -= step_size*m/denom; P *= 1 - dwd. */
+#define NUP_ADAM_D(i) (step_size * (m[i] / (sqrtf(v[i]) / bc2s + eps)) + dwd * p[i])
+/* The base's moment update, in its own state: g' = sign*g + l2*p; m += (1-b1)(g' - m); v = b2*v + (1-b2)g'^2.
+   Returns sum of D^2 (double). */
+double nup_adam_moments(const float *restrict p, const float *restrict g, float *restrict m, float *restrict v,
+                        int64_t n, float sign, float l2, float omb1, float b2, float omb2,
+                        float step_size, float bc2s, float eps, float dwd) {
+    double acc = 0.0;
+    #pragma omp simd reduction(+:acc)
+    for (int64_t i = 0; i < n; ++i) {
+        float gi = sign * g[i] + l2 * p[i];
+        m[i] = m[i] + omb1 * (gi - m[i]);
+        v[i] = v[i] * b2 + (omb2 * gi) * gi;
+        double d = NUP_ADAM_D(i);
+        acc += d * d;
+    }
+    return acc;
+}
+/* NuP's step along Adam's direction D (recomputed from m, v, p): p += coef*D; C += coef*D; returns <D, C_old> */
+float nup_adam_apply(float *restrict p, const float *restrict m, const float *restrict v, float *restrict c,
+                     int64_t n, float step_size, float bc2s, float eps, float dwd, float coef) {
+    float acc = 0.0f;
+    #pragma omp simd reduction(+:acc)
+    for (int64_t i = 0; i < n; ++i) {
+        float d = NUP_ADAM_D(i), ci = c[i], s = coef * d;
+        acc += d * ci;
+        p[i] += s;
+        c[i] = ci + s;
+    }
+    return acc;
+}
 """
 _CFLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off", "-shared", "-fPIC")
 
@@ -114,9 +147,11 @@ def _loop_library() -> ctypes.CDLL | None:
         ("nup_rebase_update", [ptr, ptr, ptr, n, f32]),
         ("nup_all_finite", [ptr, n]),
         ("nup_snapshot_finite", [ptr, ptr, ptr, n]),
+        ("nup_adam_moments", [ptr, ptr, ptr, ptr, n, *[f32] * 9]),
+        ("nup_adam_apply", [ptr, ptr, ptr, ptr, n, *[f32] * 5]),
     ):
         getattr(dll, name).restype, getattr(dll, name).argtypes = f32, args
-    dll.nup_dist_sq.restype = ctypes.c_double
+    dll.nup_dist_sq.restype = dll.nup_adam_moments.restype = ctypes.c_double
     dll.nup_all_finite.restype = dll.nup_snapshot_finite.restype = ctypes.c_int
     return dll
 
@@ -198,6 +233,24 @@ def rebase_update(param: torch.Tensor, old: torch.Tensor, cumulative: torch.Tens
     param.copy_(old.float() + coef * d)
     cumulative.add_(d.to(cumulative.dtype), alpha=coef)
     return dot
+
+
+def adam_moments(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                 hyper: tuple[float, ...]) -> float:
+    """A torch Adam/AdamW step's moment update in place, and ``‖D‖²`` of its direction (one loop; the
+    caller checked :func:`loop_ready`). ``hyper`` is ``(sign, l2, 1−β1, β2, 1−β2, step_size, √bc2, eps,
+    lr·wd_decoupled)``; ``D = step_size·m/(√v/√bc2 + eps) + lr·wd·P``, what torch's step subtracts."""
+    fn = _loop_library().nup_adam_moments
+    return fn(param.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), param.numel(), *hyper)
+
+
+def adam_apply(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, cumulative: torch.Tensor,
+               hyper: tuple[float, ...], coef: float) -> float:
+    """``P += coef·D`` and ``C += coef·D`` along :func:`adam_moments`' direction (recomputed, same
+    ``hyper``); returns ``⟨D, C_old⟩``. One loop over fp32 contiguous CPU tensors."""
+    fn = _loop_library().nup_adam_apply
+    return fn(param.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), cumulative.data_ptr(), param.numel(),
+              *hyper[5:], coef)
 
 
 def folds_into_blas(act: Activation) -> bool:
