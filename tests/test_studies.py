@@ -102,6 +102,32 @@ def test_depth_transfer_resumes_from_its_saved_runs(quick, tmp_path):
     assert json.loads((fresh / "results.json").read_text(encoding="utf-8"))["config"]["horizon"] == 4
 
 
+def test_depth_transfer_schedule_is_a_run_setting(quick, tmp_path, one_thread):
+    import shutil
+
+    from nup.studies.depth_transfer import Config, cached_runs, run, train_one
+
+    results, out = quick("depth_transfer")
+    cfg = Config(**results["config"])
+    assert cfg.schedule == "cosine"  # the default: the lr decays to 0 at 4T
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    assert len(cached_runs(cfg, again)) == len(results["runs"])
+    constant = Config(**{**results["config"], "schedule": "constant"})
+    assert cached_runs(constant, again) == {}  # runs of another schedule are not reused
+    saved = json.loads((again / "results.json").read_text(encoding="utf-8"))
+    del saved["config"]["schedule"]  # a results.json from before the setting existed: constant-lr runs
+    (again / "results.json").write_text(json.dumps(saved), encoding="utf-8")
+    assert cached_runs(cfg, again) == {} and len(cached_runs(constant, again)) == len(results["runs"])
+    job = ("teacher", "nup_harmonic", 3, 0, cfg.seed)
+    decayed, flat = train_one(cfg, *job)["metric"], train_one(constant, *job)["metric"]
+    assert decayed == next(r for r in results["runs"] if (r["parameterization"], r["depth"], r["j"],
+                                                          r["seed"]) == job[1:])["metric"]
+    assert decayed != flat
+    with pytest.raises(ValueError, match="unknown schedule 'linear'; choose from cosine, constant"):
+        run(Config(**{**results["config"], "schedule": "linear"}), tmp_path / "bad", progress=False)
+
+
 def test_optimal_lr_is_the_log_log_parabola_vertex():
     from nup.studies.lr_optimum import optimal_lr
 

@@ -2,9 +2,10 @@
 
 For every task (a teacher–student task of ≥ 10⁴ samples, and the UCI digits), parameterization
 (``sp``, ``sp_inv_depth``, νP with offset widths ``m·(k + k0)²``, νP + the harmonic depth
-normalizer), depth L, learning rate and seed, a NuMLP is trained with NuP (constant lr,
-minibatches) for 4T steps. The metric at horizon H ∈ {T, 2T, 4T} is the mean minibatch train
-loss over the last 20% of the first H steps (one run gives all three horizons). Each depth's lr
+normalizer), depth L, learning rate and seed, a NuMLP is trained with NuP (minibatches) for 4T
+steps, its lr decayed by a cosine to 0 at 4T (``schedule="constant"``: the control at constant
+lr). The metric at horizon H ∈ {T, 2T, 4T} is the mean minibatch train loss over the last 20% of
+the first H steps (one run gives all three horizons). Each depth's lr
 grid (ratio √2) starts at the previous depth's optimum and is extended until the optimum is
 interior; η* is the vertex of a parabola in (log lr, log loss). A depth whose best loss is above
 half of chance is "not trained" and left out of the fits. The slope of log η* against log L
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 
 from nup.io import write_json_atomic
 from nup.report import Figure, Heading, Paragraph, Table
+from nup.schedule import WarmupCosineSchedule
 from nup.studies import variants
 from nup.studies._common import (
     Flag,
@@ -49,6 +51,7 @@ TASKS = ("teacher", "digits")
 GRID_RATIO = math.sqrt(2.0)
 HORIZONS = (1, 2, 4)
 """Horizons as multiples of ``Config.horizon``; every run lasts the longest."""
+SCHEDULES = ("cosine", "constant")
 WINDOW = 0.2
 """The metric averages the minibatch loss over the last ``WINDOW`` of the steps up to a horizon."""
 
@@ -61,6 +64,7 @@ FLAGS = (
     Flag("lr_points", "int", "lr grid points per depth before extension (ratio √2)"),
     Flag("max_lr_points", "int", "cap on grid points per depth when extending towards an interior optimum"),
     Flag("batch_size", "int", "minibatch size"),
+    Flag("schedule", "str", "lr schedule of every run: cosine (decays to 0 at 4T) or constant"),
     Flag("m", "int", "νP base width: hidden widths m·(k + k0)²"),
     Flag("width_offset", "int", "νP width offset k0"),
     Flag("sp_width", "int", "constant hidden width of sp and sp_inv_depth"),
@@ -87,6 +91,7 @@ class Config:
     lr_points: int = 5
     max_lr_points: int = 10
     batch_size: int = 64
+    schedule: str = "cosine"
     m: int = 1
     width_offset: int = 3
     sp_width: int = 128
@@ -110,7 +115,8 @@ QUICK = {"depths": (3, 6), "tasks": ("teacher",), "horizon": 10, "lr_points": 3,
 def _check(cfg: Config) -> None:
     if not cfg.depths or min(cfg.depths) < 3 or list(cfg.depths) != sorted(set(cfg.depths)):
         raise ValueError(f"depths must be increasing integers >= 3, got {cfg.depths}")
-    for name, values, known in (("parameterization", cfg.parameterizations, VARIANTS), ("task", cfg.tasks, TASKS)):
+    for name, values, known in (("parameterization", cfg.parameterizations, VARIANTS), ("task", cfg.tasks, TASKS),
+                                ("schedule", (cfg.schedule,), SCHEDULES)):
         for v in values:
             if v not in known:
                 raise ValueError(f"unknown {name} {v!r}; choose from {', '.join(known)}")
@@ -184,9 +190,10 @@ def train_one(cfg: Config, task: str, variant: str, depth: int, j: int, seed: in
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     model = NuMLP(x.shape[1], int(y.max()) + 1, depth, m, **kwargs).to(x.device)
-    opt = NuP(model.named_parameters(), lr=lr)
-    stream = batches(x, y, cfg.batch_size, torch.Generator().manual_seed(seed))
     steps = horizons(cfg)[-1]
+    schedule = WarmupCosineSchedule(steps) if cfg.schedule == "cosine" else None
+    opt = NuP(model.named_parameters(), lr=lr, schedule=schedule)
+    stream = batches(x, y, cfg.batch_size, torch.Generator().manual_seed(seed))
     trace = torch.full((steps,), math.inf, device=x.device)
     for t in range(steps):
         xb, yb = next(stream)
@@ -239,9 +246,11 @@ def _save_runs(cfg: Config, out: Path, runs: dict[tuple, dict]) -> None:
                                              "runs": list(runs.values())})
 
 
-RUN_FIELDS = ("horizon", "lr_centre", "lr_points", "batch_size", "m", "width_offset", "sp_width", "max_width",
-              "activation", "n_train", "teacher_shape", "seed", "device")
+RUN_FIELDS = ("horizon", "lr_centre", "lr_points", "batch_size", "schedule", "m", "width_offset", "sp_width",
+              "max_width", "activation", "n_train", "teacher_shape", "seed", "device")
 """Config fields a run's result depends on (with its task, parameterization, depth, lr and seed)."""
+OLD_DEFAULTS = {"schedule": "constant"}
+"""Run fields a results.json from before the field existed was made with."""
 
 
 def cached_runs(cfg: Config, out: Path) -> dict[tuple, dict]:
@@ -251,7 +260,8 @@ def cached_runs(cfg: Config, out: Path) -> dict[tuple, dict]:
         return {}
     old = json.loads(path.read_text(encoding="utf-8"))
     now = config_dict(cfg)
-    if old.get("study") != "depth_transfer" or any(old["config"].get(k) != now[k] for k in RUN_FIELDS):
+    if old.get("study") != "depth_transfer" or any(old["config"].get(k, OLD_DEFAULTS.get(k)) != now[k]
+                                                   for k in RUN_FIELDS):
         return {}
     return {(r["task"], r["parameterization"], r["depth"], r["j"], r["seed"]): r for r in old["runs"]}
 
@@ -435,11 +445,23 @@ def _signed(value: float | None) -> str:
     return "n/a" if value is None else f"{round(value, 2) + 0.0:+.2f}"
 
 
+SCHEDULE_TEXT = {"cosine": "lr decayed by a cosine from η to 0 over the whole run", "constant": "constant lr"}
+WHY_COSINE = (
+    "Why a decayed lr: a normalized step keeps its length as the loss flattens, so at a constant lr the "
+    "loss settles on a floor set by η, and the best constant η at a horizon falls as training goes on. A "
+    "shallow net reaches its floor within the horizon, a deep one does not, which tilts every slope "
+    "upwards by about the same amount whatever the parameterization. Decaying the lr to 0 removes the "
+    "floor; the optimum is then set by how far the first steps may move the output, which is what SPEC's "
+    "T(L) predicts. The metric at T and "
+    "2T is taken before the decay ends; the headline is at 4T.")
+
+
 def _readme(cfg: Config, analysis: dict, runs: dict, env: dict, figures: list[str]) -> list:
     hs = horizons(cfg)
     blocks = [
         Heading("Study: learning-rate transfer across depth", 1),
-        Paragraph(f"NuMLP ({cfg.activation}, EOC) trained with NuP (constant lr, minibatch {cfg.batch_size}) for "
+        Paragraph(f"NuMLP ({cfg.activation}, EOC) trained with NuP ({SCHEDULE_TEXT[cfg.schedule]}, minibatch "
+                  f"{cfg.batch_size}) for "
                   f"{hs[-1]} steps on {' and '.join(cfg.tasks)} (teacher–student: {cfg.n_train} samples, "
                   f"input dim, teacher width, classes = {', '.join(map(str, cfg.teacher_shape))}). Metric at "
                   f"horizon H ∈ {{{', '.join(map(str, hs))}}}: the mean minibatch train loss over the last "
@@ -453,6 +475,7 @@ def _readme(cfg: Config, analysis: dict, runs: dict, env: dict, figures: list[st
                   f"sp and sp_inv_depth: width {cfg.sp_width}. {len(runs)} runs "
                   f"({sum(r['diverged'] for r in runs.values())} with a non-finite loss), {env['wall_time_s']:.0f} s "
                   f"on {env['device']} with {cfg.workers} worker process(es)."),
+        *([Paragraph(WHY_COSINE)] if cfg.schedule == "cosine" else []),
         Paragraph("Prediction (SPEC §2): one step moves the output by about η·T(L), T(L) = Σ_{k<L} ρ_k, so "
                   "η* ∝ 1/T(L); the predicted slope is the least-squares slope of −log T(L) over the fitted depths."),
     ]
