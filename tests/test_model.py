@@ -137,6 +137,37 @@ def test_forward_and_preactivations_match_spec_formulas(activation, kwargs, phi)
     assert model64(x.double().reshape(3, 3, 7)).shape == (3, 3, 3)
 
 
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_small_batch_cpu_forward_takes_autograds_own_ops_and_agrees(activation, monkeypatch):
+    """A layer input of at most NATIVE_MAX_INPUT entries runs autograd's own ops (α scales x); a larger
+    one ScaledLinearAct (α inside the GEMMs). Values, gradients and a Hessian-vector product agree."""
+    import nup.model as model_module
+
+    kwargs = {"bias": True, "sigma_b2": 0.3} if activation == "tanh" else {}
+    model = NuMLP(13, 3, 4, 2, activation=activation, **kwargs)
+    x = torch.randn(6, 13)
+    results = {}
+    for name, limit in (("native", 1 << 30), ("function", 0)):
+        monkeypatch.setattr(model_module, "NATIVE_MAX_INPUT", limit)
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        graph = []
+        node = out.grad_fn
+        while node is not None:  # the readout's node and what feeds it
+            graph.append(type(node).__name__)
+            node = node.next_functions[0][0] if node.next_functions else None
+        params = list(model.parameters())
+        grads = torch.autograd.grad(out.square().sum(), params, create_graph=True)
+        hvp = torch.autograd.grad(sum((g * g).sum() for g in grads), params)
+        results[name] = (out.detach(), [g.detach() for g in grads], hvp, graph)
+    assert not any("ScaledLinearAct" in n for n in results["native"][3])
+    assert any("ScaledLinearAct" in n for n in results["function"][3])
+    (o1, g1, h1, _), (o2, g2, h2, _) = results["native"], results["function"]
+    torch.testing.assert_close(o1, o2, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g1 + list(h1), g2 + list(h2)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_forward_is_differentiable():
     model = NuMLP(5, 2, 4, 2, activation="tanh", bias=True, sigma_b2=0.3)
     model(torch.randn(6, 5)).pow(2).sum().backward()
