@@ -128,6 +128,27 @@ def test_depth_transfer_schedule_is_a_run_setting(quick, tmp_path, one_thread):
         run(Config(**{**results["config"], "schedule": "linear"}), tmp_path / "bad", progress=False)
 
 
+def test_depth_transfer_extends_an_untrained_edge_optimum_at_the_longest_horizon():
+    """A depth stuck above half of chance with its best lr at the grid's low edge gets a lower lr (it may
+    train there); below the longest horizon an untrained curve does not extend the grid."""
+    from nup.studies.depth_transfer import Config, _extension, horizons
+
+    cfg = Config(seeds=1, lr_points=3, max_lr_points=6, horizon=10)
+    chance = 1.0
+    short, long = horizons(cfg)[0], horizons(cfg)[-1]
+
+    def runs_with(losses_at):  # {horizon: [loss per j]}, the other horizons flat and trained
+        runs = {}
+        for j in range(3):
+            metric = {str(h): losses_at.get(h, [0.3, 0.2, 0.3])[j] for h in horizons(cfg)}
+            runs[("teacher", "nup", 32, j, cfg.seed)] = {"metric": metric}
+        return runs
+
+    assert _extension(cfg, runs_with({long: [0.8, 0.9, 0.95]}), ("teacher", "nup", 32), [0, 1, 2], chance) == [-1]
+    assert _extension(cfg, runs_with({short: [0.8, 0.9, 0.95]}), ("teacher", "nup", 32), [0, 1, 2], chance) == []
+    assert _extension(cfg, runs_with({short: [0.3, 0.2, 0.1]}), ("teacher", "nup", 32), [0, 1, 2], chance) == [3]
+
+
 def test_optimal_lr_is_the_log_log_parabola_vertex():
     from nup.studies.lr_optimum import optimal_lr
 

@@ -225,12 +225,13 @@ def curve(cfg: Config, runs: dict[tuple, dict], key: tuple, js: list[int], horiz
 
 
 def _extension(cfg: Config, runs: dict, key: tuple, js: list[int], chance: float) -> list[int]:
-    """Grid indices to add so that η* is interior at every horizon where the depth trained."""
+    """Grid indices to add so that η* is interior at every horizon where the depth trained, and at the
+    longest horizon in any case (an optimum at the grid's edge may be a depth that trains at another lr)."""
     add = set()
     for h in horizons(cfg):
         mean = curve(cfg, runs, key, js, h).mean(axis=0)
         opt = optimal_lr([grid_lr(cfg, j) for j in js], mean)
-        if opt["loss"] is None or opt["loss"] > chance / 2:
+        if opt["loss"] is None or (opt["loss"] > chance / 2 and h != horizons(cfg)[-1]):
             continue
         i = int(np.argmin(np.where(np.isfinite(mean), mean, np.inf)))
         if i == 0:
