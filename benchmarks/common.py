@@ -13,7 +13,9 @@ backward and the optimizer step. Providers (what a user would pick, side by side
   and the one-loop update on CPU).
 - ``nup_dropin_compiled``: ``nup_dropin`` with ``torch.compile(opt.step, fullgraph=True)``.
 - ``adam`` and ``nup_wrapper_adam``: ``NuMLP`` + ``torch.optim.Adam(foreach=True)``, alone and as the
-  base of ``NuP(base=Adam)`` (wrapper mode), so wrapper mode is measured against its base.
+  base of ``NuP(base=Adam)`` (wrapper mode), so wrapper mode is measured against its base;
+  ``adam_fused`` and ``nup_wrapper_adam_fused`` the same with ``Adam(fused=True)`` (torch's one-kernel
+  step, the fastest torch Adam on CPU).
 - ``unfused_stats``: the plain torch model and :func:`unfused_stats_step`, the same statistics
   written per tensor in plain PyTorch.
 - ``compiled_stats``: ``torch.compile(unfused_stats_step)``.
@@ -45,12 +47,12 @@ LR = 1e-3
 STEP_BASELINE = "plain_torch"
 STEP_PROVIDERS = (
     "plain_torch", "numlp_sgd", "nup_dropin", "nup_dropin_compiled", "nup_fused", "adam", "nup_wrapper_adam",
-    "unfused_stats", "compiled_stats",
+    "adam_fused", "nup_wrapper_adam_fused", "unfused_stats", "compiled_stats",
 )  # fmt: skip
 #: provider -> the provider it is measured against besides plain torch (the targets of issue #9)
 STEP_REFERENCES = {
     "numlp_sgd": "plain_torch", "nup_dropin": "numlp_sgd", "nup_dropin_compiled": "numlp_sgd",
-    "nup_fused": "numlp_sgd", "nup_wrapper_adam": "adam",
+    "nup_fused": "numlp_sgd", "nup_wrapper_adam": "adam", "nup_wrapper_adam_fused": "adam_fused",
 }  # fmt: skip
 #: providers whose step is compiled by torch.compile (left out of the launch count and of quick CPU runs)
 COMPILED_PROVIDERS = ("nup_dropin_compiled", "compiled_stats")
@@ -281,9 +283,10 @@ def build_step(provider: str, case: StepCase, dev: torch.device) -> Step:
         opt = NuP(numlp.named_parameters(), lr=LR, fused=True)
         path = choose_update_path(case.batch, numlp.widths[1], numlp.widths[0], torch.float32, dev)
         return Step(_with_optimizer(numlp, opt, x, y), f"{backend}-fused", f"fused_{path}", widths)
-    if provider in ("adam", "nup_wrapper_adam"):
-        base = torch.optim.Adam(numlp.parameters(), lr=LR, foreach=True)
-        opt = base if provider == "adam" else NuP(numlp.named_parameters(), lr=LR, base=base)
+    if provider in ("adam", "nup_wrapper_adam", "adam_fused", "nup_wrapper_adam_fused"):
+        kind = {"fused": True} if provider.endswith("fused") else {"foreach": True}
+        base = torch.optim.Adam(numlp.parameters(), lr=LR, **kind)
+        opt = base if provider.startswith("adam") else NuP(numlp.named_parameters(), lr=LR, base=base)
         return Step(_with_optimizer(numlp, opt, x, y), f"numlp-{backend}", "unfused_stats", widths)
     model = plain_mlp(numlp).to(dev)
     if provider == "unfused_stats":

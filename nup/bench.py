@@ -44,6 +44,8 @@ LABELS = {
     "nup_fused": "nup fused",
     "adam": "NuMLP + torch Adam",
     "nup_wrapper_adam": "NuP(base=Adam)",
+    "adam_fused": "NuMLP + torch Adam(fused=True)",
+    "nup_wrapper_adam_fused": "NuP(base=Adam(fused=True))",
     "unfused_stats": "unfused torch stats",
     "compiled_stats": "torch.compile stats",
     "nup": "nup (Triton on CUDA, reference on CPU)",

@@ -86,19 +86,25 @@ float nup_rebase_update(float *restrict p, const float *restrict old, float *res
 /* Adam's direction at entry i after its moments are updated (a torch Adam/AdamW base in wrapper mode):
    D = step_size*m/(sqrt(v)/bc2s + eps) + dwd*p, as torch's step P -= step_size*m/denom; P *= 1 - dwd. */
 #define NUP_ADAM_D(i) (step_size * (m[i] / (sqrtf(v[i]) / bc2s + eps)) + dwd * p[i])
+#define NUP_ADAM_MOMENTS(GRAD, DECAY)                                                  \
+    _Pragma("omp simd reduction(+:acc)")                                              \
+    for (int64_t i = 0; i < n; ++i) {                                                 \
+        float gi = GRAD;                                                              \
+        m[i] = m[i] + omb1 * (gi - m[i]);                                             \
+        v[i] = v[i] * b2 + (omb2 * gi) * gi;                                          \
+        double d = step_size * (m[i] / (sqrtf(v[i]) / bc2s + eps)) + DECAY;          \
+        acc += d * d;                                                                 \
+    }
 /* The base's moment update, in its own state: g' = sign*g + l2*p; m += (1-b1)(g' - m); v = b2*v + (1-b2)g'^2.
-   Returns sum of D^2 (double). */
+   Returns sum of D^2 (double). Without weight decay P is not read. */
 double nup_adam_moments(const float *restrict p, const float *restrict g, float *restrict m, float *restrict v,
                         int64_t n, float sign, float l2, float omb1, float b2, float omb2,
                         float step_size, float bc2s, float eps, float dwd) {
     double acc = 0.0;
-    #pragma omp simd reduction(+:acc)
-    for (int64_t i = 0; i < n; ++i) {
-        float gi = sign * g[i] + l2 * p[i];
-        m[i] = m[i] + omb1 * (gi - m[i]);
-        v[i] = v[i] * b2 + (omb2 * gi) * gi;
-        double d = NUP_ADAM_D(i);
-        acc += d * d;
+    if (l2 == 0.0f && dwd == 0.0f) {
+        NUP_ADAM_MOMENTS(sign * g[i], 0.0f)
+    } else {
+        NUP_ADAM_MOMENTS(sign * g[i] + l2 * p[i], dwd * p[i])
     }
     return acc;
 }
@@ -116,7 +122,7 @@ float nup_adam_apply(float *restrict p, const float *restrict m, const float *re
     return acc;
 }
 """
-_CFLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off", "-shared", "-fPIC")
+_CFLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC")
 
 
 def _cache_dir() -> Path:

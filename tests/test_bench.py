@@ -27,10 +27,11 @@ def test_quick_run_writes_ratio_tables(tmp_path):
     steps = [r for r in records if r["suite"] == "steps"]
     # nup_fused and wrapper mode run on CPU too (issue #9; before, nup_fused skipped without CUDA)
     providers = {r["provider"] for r in steps}
-    expected = {"plain_torch", "numlp_sgd", "nup_dropin", "nup_fused", "adam", "nup_wrapper_adam", "unfused_stats"}
+    expected = {"plain_torch", "numlp_sgd", "nup_dropin", "nup_fused", "adam", "nup_wrapper_adam", "adam_fused",
+                "nup_wrapper_adam_fused", "unfused_stats"}
     assert expected <= providers
     for r in steps:
-        if r["provider"] in ("nup_fused", "nup_dropin", "nup_wrapper_adam"):
+        if r["provider"] in ("nup_fused", "nup_dropin", "nup_wrapper_adam", "nup_wrapper_adam_fused"):
             assert r["ratio_vs_reference"] > 0 and r["reference"] in providers
             assert r["paired_ratio_vs_reference"] > 0  # timed in pairs with its own reference
     launches = result["launches"]
