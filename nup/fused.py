@@ -5,9 +5,7 @@ layer's update is known when its backward runs. The layer's backward then comput
 ``δ = dy ⊙ φ'``, ``dx = α·δW`` (with the old W), ``‖G‖`` (from two B×B Gram matrices on the
 small-batch path, or from the materialized ``G``), and applies ``W += coef·G``, ``C += coef·G``
 with ``⟨ΔW, C⟩`` in the same pass. ``.grad`` is never written. ``opt.step()`` then only turns
-the per-layer partial sums into statistics and advances the schedule. On CPU at small batch (see
-:func:`autograd_route`) the layer runs autograd's own ops instead and each tensor's update runs
-from a post-accumulate-grad hook, which drops ``.grad`` as soon as the update has read it.
+the per-layer partial sums into statistics and advances the schedule.
 
 Refused, with a clear error: a base optimizer, parameters outside NuMLP layers, and two
 backward passes without a step in between (gradient accumulation). Gradient clipping across
@@ -22,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from nup import model as nup_model
 from nup import step_core as core
 from nup.norms import direction_norms, unit_direction
 from nup_kernels import cpu, gram_norm, reference
@@ -147,41 +144,13 @@ class _LayerUpdate:
         self.fused = fused
         self.index_w, self.index_b = index_w, index_b
         self.scratch: dict[str, torch.Tensor] = {}  # per-layer buffers, made once per shape
-        self.armed: dict[int, int] = {}  # autograd route: id(param) → its index, until its gradient arrives
-        self.hooked: list[Any] = []  # the post-accumulate-grad hook handles
 
     def __call__(self, layer: NuLinear, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != layer.fan_in:
             raise ValueError(f"layer expects inputs (..., {layer.fan_in}), got {tuple(x.shape)}")
         x2d = x.reshape(-1, layer.fan_in)
-        if autograd_route(layer, x2d):
-            self._arm(layer)
-            y = layer.activation(layer.preactivation(x2d))
-        else:
-            y = _LinearActUpdate.apply(x2d, layer.weight, layer.bias, layer, self)
+        y = _LinearActUpdate.apply(x2d, layer.weight, layer.bias, layer, self)
         return y.reshape(*x.shape[:-1], layer.fan_out)
-
-    def _arm(self, layer: NuLinear) -> None:
-        """Autograd route: each parameter's update runs when autograd has accumulated its gradient."""
-        params = [(layer.weight, self.index_w)] + ([] if layer.bias is None else [(layer.bias, self.index_b)])
-        if not self.hooked:
-            self.hooked = [p.register_post_accumulate_grad_hook(self._grad_ready) for p, _ in params]
-        self.armed = {id(p): i for p, i in params}
-
-    def _grad_ready(self, param: torch.Tensor) -> None:
-        """Post-accumulate-grad hook: this tensor's update from ``param.grad``, which is then dropped.
-        Autograd computed ``dx`` with the old W in the same node, before the gradient reached W."""
-        index = self.armed.pop(id(param), None)
-        if index is None:  # a gradient from elsewhere (the kernel route never writes .grad)
-            return
-        opt, fused = self.fused.optimizer(), self.fused
-        init = opt.cumulative == "init"
-        fused.begin(index, param)
-        c = core.cumulative_buffer(opt.state[param], param, init)
-        g, param.grad = param.grad, None
-        with torch.no_grad():
-            acc = torch.promote_types(param.dtype, torch.float32)
-            self._host_step(index, param, c, g, 1.0, _grad_norm_sq(None, None, 1.0, g, 1.0, False, acc), acc, init)
 
     def buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """A persistent fp32 scratch tensor of ``shape`` (reused across steps)."""
@@ -209,31 +178,28 @@ class _LayerUpdate:
         G, then the one-loop update. A norm out of the fast sum's exact range is redone as nup.norms does, and a
         coefficient out of fp32's normal range steps along the unit direction instead (as the drop-in
         path does: any finite, non-zero G takes its step)."""
-        w, alpha = layer.weight, layer.alpha
+        fused, w, alpha = self.fused, layer.weight, layer.alpha
         batch, (n_out, n_in) = x.shape[0], w.shape
         acc = torch.promote_types(w.dtype, torch.float32)  # float64 tensors: float64 G and statistics
         if w.dtype == x.dtype == torch.float32:
             g = torch.mm(delta.t(), x, out=self.buffer("grad", (n_out, n_in), w))  # G/α
         else:
             g = delta.to(acc).t() @ x.to(acc)
-        g_sq = _grad_norm_sq(x, delta, alpha, g, alpha, grams_beat_a_read(batch, n_in, n_out), acc)
-        self._host_step(self.index_w, w, c_w, g, alpha, g_sq, acc, init)
-        if layer.bias is not None:
-            db = reference.bias_grad(delta, layer.bias_scale)
-            self._host_step(self.index_b, layer.bias, c_b, db, 1.0, _grad_norm_sq(None, None, 1.0, db, 1.0, False, acc),
-                            acc, init)
-
-    def _host_step(self, index: int, param: torch.Tensor, c: torch.Tensor, g: torch.Tensor, scale: float,
-                   g_sq: float, acc: torch.dtype, init: bool) -> None:
-        """CPU: tensor ``index``'s update along ``G = scale·g`` with ``‖G‖² = g_sq`` (one loop), filed for
-        the step's tail. A sum of squares out of the fast sum's exact range is redone as nup.norms does."""
+        scale = alpha
+        gram = grams_beat_a_read(batch, n_in, n_out)
+        g_sq = _grad_norm_sq(x, delta, alpha, g, scale, gram, acc)
         lo, hi = _NORM_SQ_EXACT[acc]
         if lo < g_sq < hi:
             d_norm = math.sqrt(g_sq)
         else:  # 0, tiny, huge or not finite: the norm of the materialized G that neither overflows nor underflows
             d_norm = float(direction_norms([g], True)[0]) * scale
-        coef = self.fused.host_coefficient(index, d_norm)
-        self.fused.file_host(index, d_norm, _step_cpu(param, c, g, coef, scale, d_norm, init))
+        coef = fused.host_coefficient(self.index_w, d_norm)
+        fused.file_host(self.index_w, d_norm, _step_cpu(w, c_w, g, coef, scale, d_norm, init))
+        if layer.bias is not None:
+            db = reference.bias_grad(delta, layer.bias_scale)
+            b_norm = float(direction_norms([db], True)[0])
+            coef = fused.host_coefficient(self.index_b, b_norm)
+            fused.file_host(self.index_b, b_norm, _step_cpu(layer.bias, c_b, db, coef, 1.0, b_norm, init))
 
     def _update_kernels(self, layer, x, dy, saved, delta, c_w, c_b, init: bool) -> None:
         """Triton (CUDA, or the interpreter) and the oracle: ‖G‖² partials (fp64), then one apply launch with
@@ -280,14 +246,6 @@ _NORM_SQ_EXACT = {torch.float32: (1e-30, 1e30), torch.float64: (1e-290, 1e290)}
 _GRAM_MACS_PER_READ = 8
 #: G smaller than this (bytes) is still in cache when it is read: the read then beats the Grams
 _GRAM_MIN_BYTES = 1 << 20
-
-
-def autograd_route(layer: NuLinear, x: torch.Tensor) -> bool:
-    """CPU, a small batch (as :data:`nup.model.NATIVE_MAX_INPUT`), an activation whose ``φ'`` is read from
-    ``y``: the layer runs autograd's own ops and each update runs from a post-accumulate-grad hook
-    (no Python autograd Function: its host cost is most of such a step's)."""
-    return (not use_triton(x) and x.numel() <= nup_model.NATIVE_MAX_INPUT and cpu.folds_into_blas(layer.activation)
-            and x.dtype == layer.weight.dtype)
 
 
 def grams_beat_a_read(batch: int, n_in: int, n_out: int) -> bool:
