@@ -42,8 +42,10 @@ class ParamMeta:
 
 NATIVE_MAX_INPUT = 1 << 15
 """CPU: a layer input of at most this many entries (128 KB in fp32) takes autograd's own ops, α scaling
-``x`` (a pass over ``x`` forward and over ``dx`` backward, about 10 µs at 32×1024); a larger one takes
-:class:`ScaledLinearAct` (α inside the GEMMs, no extra pass, about 30 µs of Python a layer)."""
+``x`` (one small pass over ``x`` forward and over ``dx`` backward); a larger one takes
+:class:`ScaledLinearAct` (α inside the GEMMs, no extra pass, but a Python autograd Function's host cost
+per layer). Measured at depth 16, batch 32, one thread: NuMLP + SGD 1.08× plain torch this way, 1.10×
+with the Function."""
 
 
 class NuLinear(nn.Module):
