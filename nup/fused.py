@@ -5,7 +5,11 @@ layer's update is known when its backward runs. The layer's backward then comput
 ``δ = dy ⊙ φ'``, ``dx = α·δW`` (with the old W), ``‖G‖`` (from two B×B Gram matrices on the
 small-batch path, or from the materialized ``G``), and applies ``W += coef·G``, ``C += coef·G``
 with ``⟨ΔW, C⟩`` in the same pass. ``.grad`` is never written. ``opt.step()`` then only turns
-the per-layer partial sums into statistics and advances the schedule.
+the per-layer partial sums into statistics and advances the schedule. On CPU at small batch (see
+:func:`autograd_route`) the layer runs autograd's own ops instead and the updates run when the
+backward pass ends (one autograd-engine callback, queued by the first post-accumulate-grad hook of
+the pass), as the drop-in step makes them; each ``.grad`` is dropped there. Measured at depth 16,
+batch 32, one thread: 1.05× the drop-in step this way, 1.10× with each update inside the backward.
 
 Refused, with a clear error: a base optimizer, parameters outside NuMLP layers, and two
 backward passes without a step in between (gradient accumulation). Gradient clipping across
@@ -20,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from nup import model as nup_model
 from nup import step_core as core
 from nup.norms import direction_norms, unit_direction
 from nup_kernels import cpu, gram_norm, reference
@@ -56,6 +61,29 @@ class FusedStep:
         self.buffers: dict[str, Any] = {}
         self.host: dict[str, list] | None = None  # CPU: this step's rates, ‖D‖ and dots as floats
         self.rates: tuple[torch.Tensor, ...] = ()  # this step's η, s_P and normalize mask, set by the first layer
+        self.deferred: list[tuple[int, torch.Tensor]] = []  # autograd route: updates due at the pass's end
+
+    def defer(self, index: int, param: torch.Tensor) -> None:
+        """Queue an autograd-route update; the first of a backward pass queues :meth:`run_deferred`."""
+        if not self.deferred:
+            torch.autograd.Variable._execution_engine.queue_callback(self.run_deferred)
+        self.deferred.append((index, param))
+
+    def run_deferred(self) -> None:
+        """End of the backward pass: the queued updates as the drop-in step makes them (one foreach norm
+        over every queued gradient, then one C loop per tensor); each ``.grad`` is dropped after."""
+        pending, self.deferred = self.deferred, []
+        opt = self.optimizer()
+        init = opt.cumulative == "init"
+        grads = [p.grad for _, p in pending]
+        with torch.no_grad():
+            norms = direction_norms(grads, True).tolist()  # float64: any finite non-zero G gets its step
+            for (index, param), g, d_norm in zip(pending, grads, norms):
+                self.begin(index, param)
+                c = core.cumulative_buffer(opt.state[param], param, init)
+                coef = self.host_coefficient(index, d_norm)
+                self.file_host(index, d_norm, _step_cpu(param, c, g, coef, 1.0, d_norm, init))
+                param.grad = None
 
     def optimizer(self) -> Any:
         opt = self.opt_ref()
@@ -144,13 +172,34 @@ class _LayerUpdate:
         self.fused = fused
         self.index_w, self.index_b = index_w, index_b
         self.scratch: dict[str, torch.Tensor] = {}  # per-layer buffers, made once per shape
+        self.armed: dict[int, int] = {}  # autograd route: id(param) → its index, until its gradient arrives
+        self.hooked: list[Any] = []  # the post-accumulate-grad hook handles
 
     def __call__(self, layer: NuLinear, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != layer.fan_in:
             raise ValueError(f"layer expects inputs (..., {layer.fan_in}), got {tuple(x.shape)}")
         x2d = x.reshape(-1, layer.fan_in)
-        y = _LinearActUpdate.apply(x2d, layer.weight, layer.bias, layer, self)
+        if autograd_route(layer, x2d):
+            self._arm(layer)
+            y = layer.activation(layer.preactivation(x2d))
+        else:
+            y = _LinearActUpdate.apply(x2d, layer.weight, layer.bias, layer, self)
         return y.reshape(*x.shape[:-1], layer.fan_out)
+
+    def _arm(self, layer: NuLinear) -> None:
+        """Autograd route: each parameter's update is queued when autograd has accumulated its gradient."""
+        params = [(layer.weight, self.index_w)] + ([] if layer.bias is None else [(layer.bias, self.index_b)])
+        if not self.hooked:
+            self.hooked = [p.register_post_accumulate_grad_hook(self._grad_ready) for p, _ in params]
+        self.armed = {id(p): i for p, i in params}
+
+    def _grad_ready(self, param: torch.Tensor) -> None:
+        """Post-accumulate-grad hook: queue this tensor's update; the first one of a backward pass asks
+        the engine to run them all when the pass ends (:meth:`FusedStep.run_deferred`)."""
+        index = self.armed.pop(id(param), None)
+        if index is None:  # a gradient from elsewhere (the kernel route never writes .grad)
+            return
+        self.fused.defer(index, param)
 
     def buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """A persistent fp32 scratch tensor of ``shape`` (reused across steps)."""
@@ -178,28 +227,31 @@ class _LayerUpdate:
         G, then the one-loop update. A norm out of the fast sum's exact range is redone as nup.norms does, and a
         coefficient out of fp32's normal range steps along the unit direction instead (as the drop-in
         path does: any finite, non-zero G takes its step)."""
-        fused, w, alpha = self.fused, layer.weight, layer.alpha
+        w, alpha = layer.weight, layer.alpha
         batch, (n_out, n_in) = x.shape[0], w.shape
         acc = torch.promote_types(w.dtype, torch.float32)  # float64 tensors: float64 G and statistics
         if w.dtype == x.dtype == torch.float32:
             g = torch.mm(delta.t(), x, out=self.buffer("grad", (n_out, n_in), w))  # G/α
         else:
             g = delta.to(acc).t() @ x.to(acc)
-        scale = alpha
-        gram = grams_beat_a_read(batch, n_in, n_out)
-        g_sq = _grad_norm_sq(x, delta, alpha, g, scale, gram, acc)
+        g_sq = _grad_norm_sq(x, delta, alpha, g, alpha, grams_beat_a_read(batch, n_in, n_out), acc)
+        self._host_step(self.index_w, w, c_w, g, alpha, g_sq, acc, init)
+        if layer.bias is not None:
+            db = reference.bias_grad(delta, layer.bias_scale)
+            self._host_step(self.index_b, layer.bias, c_b, db, 1.0, _grad_norm_sq(None, None, 1.0, db, 1.0, False, acc),
+                            acc, init)
+
+    def _host_step(self, index: int, param: torch.Tensor, c: torch.Tensor, g: torch.Tensor, scale: float,
+                   g_sq: float, acc: torch.dtype, init: bool) -> None:
+        """CPU: tensor ``index``'s update along ``G = scale·g`` with ``‖G‖² = g_sq`` (one loop), filed for
+        the step's tail. A sum of squares out of the fast sum's exact range is redone as nup.norms does."""
         lo, hi = _NORM_SQ_EXACT[acc]
         if lo < g_sq < hi:
             d_norm = math.sqrt(g_sq)
         else:  # 0, tiny, huge or not finite: the norm of the materialized G that neither overflows nor underflows
             d_norm = float(direction_norms([g], True)[0]) * scale
-        coef = fused.host_coefficient(self.index_w, d_norm)
-        fused.file_host(self.index_w, d_norm, _step_cpu(w, c_w, g, coef, scale, d_norm, init))
-        if layer.bias is not None:
-            db = reference.bias_grad(delta, layer.bias_scale)
-            b_norm = float(direction_norms([db], True)[0])
-            coef = fused.host_coefficient(self.index_b, b_norm)
-            fused.file_host(self.index_b, b_norm, _step_cpu(layer.bias, c_b, db, coef, 1.0, b_norm, init))
+        coef = self.fused.host_coefficient(index, d_norm)
+        self.fused.file_host(index, d_norm, _step_cpu(param, c, g, coef, scale, d_norm, init))
 
     def _update_kernels(self, layer, x, dy, saved, delta, c_w, c_b, init: bool) -> None:
         """Triton (CUDA, or the interpreter) and the oracle: ‖G‖² partials (fp64), then one apply launch with
@@ -246,6 +298,14 @@ _NORM_SQ_EXACT = {torch.float32: (1e-30, 1e30), torch.float64: (1e-290, 1e290)}
 _GRAM_MACS_PER_READ = 8
 #: G smaller than this (bytes) is still in cache when it is read: the read then beats the Grams
 _GRAM_MIN_BYTES = 1 << 20
+
+
+def autograd_route(layer: NuLinear, x: torch.Tensor) -> bool:
+    """CPU, a small batch (as :data:`nup.model.NATIVE_MAX_INPUT`), an activation whose ``φ'`` is read from
+    ``y``: the layer runs autograd's own ops and its updates run at the end of the backward pass (no
+    Python autograd Function, no update between the backward's GEMMs)."""
+    return (not use_triton(x) and x.numel() <= nup_model.NATIVE_MAX_INPUT and cpu.folds_into_blas(layer.activation)
+            and x.dtype == layer.weight.dtype)
 
 
 def grams_beat_a_read(batch: int, n_in: int, n_out: int) -> bool:

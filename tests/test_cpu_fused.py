@@ -90,9 +90,16 @@ def test_host_coefficient_equals_the_vector_formula():
 
 @pytest.mark.parametrize("kw", [{}, {"activation": "tanh", "bias": True, "sigma_b2": 0.3}, {"activation": "gelu"}],
                          ids=["relu", "tanh-bias", "gelu"])  # fmt: skip
-def test_cpu_fused_step_equals_drop_in(loop, kw, monkeypatch):
+@pytest.mark.parametrize("route", ["autograd", "function"])
+def test_cpu_fused_step_equals_drop_in(loop, kw, route, monkeypatch):
+    """Both CPU routes of the fused step (small inputs: autograd's ops and a grad hook; larger: the
+    in-backward Function), and the drop-in step on either forward, take the same steps."""
+    import nup.model
+
     monkeypatch.delenv("NUP_BACKEND", raising=False)
     monkeypatch.delenv("NUP_UPDATE_PATH", raising=False)
+    if route == "function":
+        monkeypatch.setattr(nup.model, "NATIVE_MAX_INPUT", 0)
     torch.manual_seed(0)
     model = NuMLP(7, 3, 4, 3, **kw)
     twin = copy.deepcopy(model)
@@ -110,6 +117,29 @@ def test_cpu_fused_step_equals_drop_in(loop, kw, monkeypatch):
     va, vb = a.stat_vectors(), b.stat_vectors()
     for key in ("update_norm", "cos", "c_norm", "coherence", "skipped"):
         torch.testing.assert_close(va[key], vb[key], rtol=2e-4, atol=2e-5, msg=key)
+
+
+def test_fused_autograd_route_drops_each_gradient_and_refuses_a_second_backward(monkeypatch):
+    monkeypatch.delenv("NUP_BACKEND", raising=False)
+    torch.manual_seed(0)
+    model = NuMLP(7, 3, 4, 3, activation="tanh", bias=True, sigma_b2=0.3)
+    opt = NuP(model.named_parameters(), lr=0.1, fused=True)
+    x, y = torch.randn(5, 7), torch.randint(0, 3, (5,))
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = nn.functional.cross_entropy(model(x), y)
+    names, node = [], loss.grad_fn
+    while node is not None:
+        names.append(type(node).__name__)
+        node = node.next_functions[0][0] if node.next_functions else None
+    assert not any("LinearActUpdate" in n for n in names)  # the autograd route: no Python Function
+    loss.backward()
+    assert all(p.grad is None for p in model.parameters())  # each consumed by its update, then dropped
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))  # updated inside backward
+    opt.step()
+    assert opt.stat_vectors()["update_norm"].gt(0).all()
+    nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="call opt.step\\(\\) after every backward"):
+        nn.functional.cross_entropy(model(x), y).backward()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
