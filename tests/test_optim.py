@@ -267,7 +267,7 @@ def test_step_never_syncs_with_the_host(monkeypatch):
     """On a device with a queue (CUDA) step() must not read any value back; emulated here on CPU."""
     import nup.optim
 
-    monkeypatch.setattr(nup.optim, "_host_readable", lambda t: False)
+    monkeypatch.setattr(nup.optim, "host_readable", lambda t: False)
     model, (x, y) = _model(), _data()
     opt = NuP(model.parameters(), lr=0.1, schedule=make_schedule("geometry"), recompute_every=2)
     _train(model, opt, 1, x, y)
