@@ -2,13 +2,13 @@
 
 Studies: depth_transfer (η* against depth under sp, sp_inv_depth, νP with offset widths and νP +
 harmonic normalizer, with seeds, bootstrap CIs and SPEC's T(L) prediction; its default is the
-longest: 12 minutes for one task's depth 32 on a shared 2-core machine, two worker processes),
+longest: about 30 minutes for both tasks on a 2-core machine with two worker processes),
 coord_check (each layer's move and the change at fixed ℓ/L against SPEC's prediction), catapult
 (lazy / catapult / divergent phases of plain GD on MSE, for the uv model and an EOC ReLU MLP),
 schedule (the geometry-aware controllers against a tuned constant-lr sweep, an open-loop replay
 and warm-up + decay on a νP model, MSE, full batch, several seeds: η·S, η·λ₀ and the catapult
 duration with confidence intervals) and eos (sharpness against 2/η under
-full-batch GD). Each default runs on two CPU cores in under 10 minutes; --quick runs a tiny
+full-batch GD). Every other default runs on two CPU cores in under 10 minutes; --quick runs a tiny
 version in seconds (its figures and README say so); the study options below scale a study up
 (e.g. on a GPU with --device cuda).
 Options a study does not use are refused. Outputs go to runs/studies/NAME unless --out names a
