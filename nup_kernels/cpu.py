@@ -85,14 +85,15 @@ float nup_rebase_update(float *restrict p, const float *restrict old, float *res
 }
 /* Adam's direction at entry i after its moments are updated (a torch Adam/AdamW base in wrapper mode):
    D = step_size*m/(sqrt(v)/bc2s + eps) + dwd*p, as torch's step P -= step_size*m/denom; P *= 1 - dwd. */
-#define NUP_ADAM_D(i) (step_size * (m[i] / (sqrtf(v[i]) / bc2s + eps)) + dwd * p[i])
+#define NUP_ADAM_STEP(i) (step_size * (m[i] / (sqrtf(v[i]) / bc2s + eps)))
+#define NUP_ADAM_D(i) (NUP_ADAM_STEP(i) + dwd * p[i])
 #define NUP_ADAM_MOMENTS(GRAD, DECAY)                                                  \
     _Pragma("omp simd reduction(+:acc)")                                              \
     for (int64_t i = 0; i < n; ++i) {                                                 \
         float gi = GRAD;                                                              \
         m[i] = m[i] + omb1 * (gi - m[i]);                                             \
         v[i] = v[i] * b2 + (omb2 * gi) * gi;                                          \
-        double d = step_size * (m[i] / (sqrtf(v[i]) / bc2s + eps)) + DECAY;          \
+        double d = NUP_ADAM_STEP(i) + DECAY;                                          \
         acc += d * d;                                                                 \
     }
 /* The base's moment update, in its own state: g' = sign*g + l2*p; m += (1-b1)(g' - m); v = b2*v + (1-b2)g'^2.
