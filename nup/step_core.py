@@ -21,9 +21,8 @@ import torch
 
 from nup_kernels import step_tail
 from nup_kernels.backend import use_triton
+from nup_kernels.scaled_step import MAX_STEP as MAX_STEP  # the kernels' bound, defined once there
 
-MAX_STEP = math.sqrt(torch.finfo(torch.float32).max)
-"""Largest step norm ``u`` taken: ``u²`` must stay finite in the fp32 ‖C‖ identity (about 1.8e19)."""
 GLOBAL_KEY = "nup"  # key of the optimizer-wide entry in opt.state
 STAT_VECTORS = ("update_norm", "cos", "c_norm", "path", "lr", "skipped")
 

@@ -19,7 +19,8 @@ from nup_kernels.backend import tl, triton
 #: fp32's least subnormal (2^-149) and largest finite value: a recorded ``‖D‖`` stays in between
 LEAST_SUBNORMAL = 2.0**-149
 FP32_MAX = 3.4028234663852886e38
-#: ``MAX_STEP`` of ``nup.step_core`` (√ of fp32's max), as the kernels compare it
+#: largest step norm ``u`` taken (√ of fp32's max, about 1.8e19): ``u²`` must stay finite in the fp32
+#: ‖C‖ identity; ``nup.step_core`` and the kernels compare against this one value
 MAX_STEP = 1.844674352395373e19
 # Globals read inside kernels must be constexpr.
 _LEAST, _MAX, _MAX_STEP = (tl.constexpr(v) for v in (LEAST_SUBNORMAL, FP32_MAX, MAX_STEP))
