@@ -6,10 +6,10 @@ layer's update is known when its backward runs. The layer's backward then comput
 small-batch path, or from the materialized ``G``), and applies ``W += coef·G``, ``C += coef·G``
 with ``⟨ΔW, C⟩`` in the same pass. ``.grad`` is never written. ``opt.step()`` then only turns
 the per-layer partial sums into statistics and advances the schedule. On CPU at small batch (see
-:func:`autograd_route`) the layer runs autograd's own ops instead and the updates run when the
-backward pass ends (one autograd-engine callback, queued by the first post-accumulate-grad hook of
-the pass), as the drop-in step makes them; each ``.grad`` is dropped there. Measured at depth 16,
-batch 32, one thread: 1.05× the drop-in step this way, 1.10× with each update inside the backward.
+:func:`autograd_route`) the layer runs autograd's own ops with W and b detached (autograd computes
+only ``dx``), a pre-hook on its pre-activation's node keeps ``x`` and ``δ``, and the updates run when the backward
+pass ends (one autograd-engine callback): each layer's ``G`` is formed in one shared buffer just before
+its loop reads it, with ``‖G‖`` from the Grams where they beat a read.
 
 Refused, with a clear error: a base optimizer, parameters outside NuMLP layers, and two
 backward passes without a step in between (gradient accumulation). Gradient clipping across
@@ -23,6 +23,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from nup import model as nup_model
 from nup import step_core as core
@@ -61,29 +62,40 @@ class FusedStep:
         self.buffers: dict[str, Any] = {}
         self.host: dict[str, list] | None = None  # CPU: this step's rates, ‖D‖ and dots as floats
         self.rates: tuple[torch.Tensor, ...] = ()  # this step's η, s_P and normalize mask, set by the first layer
-        self.deferred: list[tuple[int, torch.Tensor]] = []  # autograd route: updates due at the pass's end
+        self.deferred: list[tuple] = []  # autograd route: (update, layer, x, δ) due at the pass's end
 
-    def defer(self, index: int, param: torch.Tensor) -> None:
-        """Queue an autograd-route update; the first of a backward pass queues :meth:`run_deferred`."""
+    def defer(self, update: _LayerUpdate, layer: NuLinear, x: torch.Tensor, delta: torch.Tensor) -> None:
+        """Autograd route, the pre-hook on a layer's ``h``: keep its input ``x`` and ``δ = ∂L/∂h`` for the update
+        at the end of the pass; the first of a backward pass queues :meth:`run_deferred`."""
+        if delta is None:  # no gradient reached this layer's h
+            return
         if not self.deferred:
             torch.autograd.Variable._execution_engine.queue_callback(self.run_deferred)
-        self.deferred.append((index, param))
+        self.deferred.append((update, layer, x, delta))
 
     def run_deferred(self) -> None:
-        """End of the backward pass: the queued updates as the drop-in step makes them (one foreach norm
-        over every queued gradient, then one C loop per tensor); each ``.grad`` is dropped after."""
+        """End of the backward pass: each captured layer's update from its ``x`` and ``δ``, as the
+        in-backward update makes it (``G`` into the one shared buffer just before the loop reads it, ``‖G‖``
+        from the Grams where they beat a read). A layer applied twice in the pass gets the sum of both."""
         pending, self.deferred = self.deferred, []
-        opt = self.optimizer()
-        init = opt.cumulative == "init"
-        grads = [p.grad for _, p in pending]
+        by_layer: dict[int, list] = {}
+        for entry in pending:
+            by_layer.setdefault(id(entry[0]), []).append(entry)
         with torch.no_grad():
-            norms = direction_norms(grads, True).tolist()  # float64: any finite non-zero G gets its step
-            for (index, param), g, d_norm in zip(pending, grads, norms):
-                self.begin(index, param)
-                c = core.cumulative_buffer(opt.state[param], param, init)
-                coef = self.host_coefficient(index, d_norm)
-                self.file_host(index, d_norm, _step_cpu(param, c, g, coef, 1.0, d_norm, init))
-                param.grad = None
+            for uses in by_layer.values():
+                update, layer, x, delta = uses[0]
+                if len(uses) > 1:
+                    x, delta = torch.cat([u[2] for u in uses]), torch.cat([u[3] for u in uses])
+                update.update(layer, x, None, None, delta)
+
+    def grad_buffer(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """CPU: an fp32 view of ``shape`` on the one scratch buffer every layer's ``G`` is formed in (each is
+        consumed by its loop before the next layer's is formed); grown to the largest layer once."""
+        numel = math.prod(shape)
+        buf = self.buffers.get("grad")
+        if buf is None or buf.numel() < numel or buf.device != like.device:
+            buf = self.buffers["grad"] = torch.empty(numel, dtype=torch.float32, device=like.device)
+        return buf[:numel].view(shape)
 
     def optimizer(self) -> Any:
         opt = self.opt_ref()
@@ -172,41 +184,29 @@ class _LayerUpdate:
         self.fused = fused
         self.index_w, self.index_b = index_w, index_b
         self.scratch: dict[str, torch.Tensor] = {}  # per-layer buffers, made once per shape
-        self.armed: dict[int, int] = {}  # autograd route: id(param) → its index, until its gradient arrives
-        self.hooked: list[Any] = []  # the post-accumulate-grad hook handles
 
     def __call__(self, layer: NuLinear, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != layer.fan_in:
             raise ValueError(f"layer expects inputs (..., {layer.fan_in}), got {tuple(x.shape)}")
         x2d = x.reshape(-1, layer.fan_in)
         if autograd_route(layer, x2d):
-            self._arm(layer)
-            y = layer.activation(layer.preactivation(x2d))
+            y = layer.activation(self._captured_preactivation(layer, x2d))
         else:
             y = _LinearActUpdate.apply(x2d, layer.weight, layer.bias, layer, self)
         return y.reshape(*x.shape[:-1], layer.fan_out)
 
-    def _arm(self, layer: NuLinear) -> None:
-        """Autograd route: each parameter's update is queued when autograd has accumulated its gradient."""
-        params = [(layer.weight, self.index_w)] + ([] if layer.bias is None else [(layer.bias, self.index_b)])
-        if not self.hooked:
-            self.hooked = [p.register_post_accumulate_grad_hook(self._grad_ready) for p, _ in params]
-        self.armed = {id(p): i for p, i in params}
-
-    def _grad_ready(self, param: torch.Tensor) -> None:
-        """Post-accumulate-grad hook: queue this tensor's update; the first one of a backward pass asks
-        the engine to run them all when the pass ends (:meth:`FusedStep.run_deferred`)."""
-        index = self.armed.pop(id(param), None)
-        if index is None:  # a gradient from elsewhere (the kernel route never writes .grad)
-            return
-        self.fused.defer(index, param)
-
-    def buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """A persistent fp32 scratch tensor of ``shape`` (reused across steps)."""
-        t = self.scratch.get(name)
-        if t is None or t.shape != shape or t.device != like.device:
-            t = self.scratch[name] = torch.zeros(shape, dtype=torch.float32, device=like.device)
-        return t
+    def _captured_preactivation(self, layer: NuLinear, x: torch.Tensor) -> torch.Tensor:
+        """Autograd route: ``h = α·x Wᵀ + bias_scale·b`` with W and b detached, so autograd computes only
+        ``dx`` (with the old W); a pre-hook on ``h``'s node hands ``δ = ∂L/∂h`` and ``x`` to the end-of-pass update."""
+        h = nn.functional.linear(x, layer.weight.detach())
+        # the first layer's x needs no gradient, but its δ must still reach the update
+        h = h.mul_(layer.alpha) if h.requires_grad else h.requires_grad_() * layer.alpha
+        if layer.bias is not None:
+            h = h.add_(layer.bias.detach(), alpha=layer.bias_scale)
+        fused = self.fused
+        # a pre-hook on h's node gets ∂L/∂h as its first gradient; cheaper than a tensor hook (no hook dict)
+        h.grad_fn.register_prehook(lambda grads: fused.defer(self, layer, x, grads[0]))
+        return h
 
     def update(self, layer: NuLinear, x: torch.Tensor, dy: torch.Tensor, saved: torch.Tensor, delta) -> None:
         """Apply this layer's normalized update in place and file its partial sums."""
@@ -231,7 +231,7 @@ class _LayerUpdate:
         batch, (n_out, n_in) = x.shape[0], w.shape
         acc = torch.promote_types(w.dtype, torch.float32)  # float64 tensors: float64 G and statistics
         if w.dtype == x.dtype == torch.float32:
-            g = torch.mm(delta.t(), x, out=self.buffer("grad", (n_out, n_in), w))  # G/α
+            g = torch.mm(delta.t(), x, out=self.fused.grad_buffer((n_out, n_in), w))  # G/α
         else:
             g = delta.to(acc).t() @ x.to(acc)
         g_sq = _grad_norm_sq(x, delta, alpha, g, alpha, grams_beat_a_read(batch, n_in, n_out), acc)

@@ -385,10 +385,8 @@ class NuP(WrapperMode, torch.optim.Optimizer):
             if host_readable(ok) and not torch.compiler.is_compiling():
                 # eager CPU: coefficients are free to read; one loop per tensor updates P and C and
                 # accumulates ⟨D, C⟩ (a skipped tensor, coef = 0, is not touched)
-                dc = torch.tensor([
-                    cpu.update_and_dot(p, c, d, cf, init_mode) if cf != 0.0 else 0.0
-                    for p, c, d, cf in zip(act_params, cumulatives, directions, coef.tolist())
-                ], dtype=torch.float32)  # fmt: skip
+                dots = cpu.update_and_dot_many(act_params, cumulatives, directions, coef.tolist(), init_mode)
+                dc = torch.tensor(dots, dtype=torch.float32)
             else:  # no data-dependent branch: CUDA foreach, torch.compile(fullgraph=True), graph capture
                 safe = [torch.where(o, d, 0.0) for o, d in zip(ok.unbind(), directions)]
                 dc = self._dots(safe, act_params, cumulatives, init_mode)

@@ -14,8 +14,9 @@ What each path holds (measured on CPU by ``tests/test_plan.py``):
 - activations: every layer saves its input, ``B·Σ_{k<L} n_k`` elements, plus ``B·Σ_{0<k<L} n_k`` for
   the pre-activations when φ' cannot be read from φ's output (tanh, GELU, ...); fused also keeps the
   output ``B·n_L``.
-- On CPU at small batch the fused path runs autograd's own ops (:func:`nup.fused.autograd_route`): it
-  holds every ``.grad`` until the backward pass ends, as drop-in does, and saves no output.
+- On CPU at small batch the fused path runs autograd's own ops with W detached
+  (:func:`nup.fused.autograd_route`): it writes no ``.grad``, saves no output, holds each layer's ``δ``
+  (``B·n_k``) until the backward pass ends and forms one layer's G at a time in one shared buffer.
 - a base optimizer (wrapper mode) adds its state: momentum ``P``, Adam ``2P``, in fp32.
 - FSDP2 over N ranks shards W, C, G and the optimizer state (÷N) and splits the global batch (÷N);
   each rank also holds the gathered full weight of the largest layer twice (current and prefetched)

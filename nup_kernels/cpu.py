@@ -49,6 +49,12 @@ float nup_update_dot(float *restrict w, float *restrict c, const float *restrict
     }
     return acc;
 }
+/* many tensors in one call: out[j] = <G_j, C_j,old> after W_j += coef_j*G_j (a zero coef_j leaves tensor j as it is) */
+void nup_update_dot_many(float *const *w, float *const *c, const float *const *g, const int64_t *n,
+                         const float *coef, int64_t count, int init, float *out) {
+    for (int64_t j = 0; j < count; ++j)
+        out[j] = coef[j] == 0.0f ? 0.0f : nup_update_dot(w[j], c[j], g[j], n[j], coef[j], init);
+}
 /* 1 when every entry is finite: x*0 is 0 for finite x, NaN for NaN and +-inf (no -ffast-math) */
 int nup_all_finite(const float *restrict x, int64_t n) {
     float acc = 0.0f;
@@ -156,9 +162,11 @@ def _loop_library() -> ctypes.CDLL | None:
         ("nup_snapshot_finite", [ptr, ptr, ptr, n]),
         ("nup_adam_moments", [ptr, ptr, ptr, ptr, n, *[f32] * 9]),
         ("nup_adam_apply", [ptr, ptr, ptr, ptr, n, *[f32] * 5]),
+        ("nup_update_dot_many", [ptr, ptr, ptr, ptr, ptr, n, ctypes.c_int, ptr]),
     ):
         getattr(dll, name).restype, getattr(dll, name).argtypes = f32, args
     dll.nup_dist_sq.restype = dll.nup_adam_moments.restype = ctypes.c_double
+    dll.nup_update_dot_many.restype = None
     dll.nup_all_finite.restype = dll.nup_snapshot_finite.restype = ctypes.c_int
     return dll
 
@@ -187,12 +195,45 @@ def update_and_dot(
     return dot
 
 
+def update_and_dot_many(
+    weights: list[torch.Tensor], cumulatives: list[torch.Tensor], grads: list[torch.Tensor], coefs: list[float],
+    init: bool = False,
+) -> list[float]:
+    """:func:`update_and_dot` for every tensor (a ``coef`` of 0.0 skips its tensor and gives 0.0): the
+    tensors the loop takes go through one C call, the others through eager torch one by one."""
+    dots = [0.0] * len(weights)
+    fast = []
+    for i, (w, c, g, cf) in enumerate(zip(weights, cumulatives, grads, coefs, strict=True)):
+        if cf == 0.0:
+            continue
+        if _plain_fp32(w) and _plain_fp32(c) and _plain_fp32(g):
+            fast.append(i)
+        else:
+            dots[i] = update_and_dot(w, c, g, cf, init)
+    if fast and not loop_available():
+        for i in fast:
+            dots[i] = update_and_dot(weights[i], cumulatives[i], grads[i], coefs[i], init)
+    elif fast:
+        k, ptrs = len(fast), ctypes.c_void_p * len(fast)
+        out = (ctypes.c_float * k)()
+        _loop_library().nup_update_dot_many(
+            ptrs(*[weights[i].data_ptr() for i in fast]), ptrs(*[cumulatives[i].data_ptr() for i in fast]),
+            ptrs(*[grads[i].data_ptr() for i in fast]), (ctypes.c_int64 * k)(*[weights[i].numel() for i in fast]),
+            (ctypes.c_float * k)(*[coefs[i] for i in fast]), k, int(init), out,
+        )  # fmt: skip
+        for i, dot in zip(fast, out):
+            dots[i] = dot
+    return dots
+
+
+def _plain_fp32(t: torch.Tensor) -> bool:
+    """An fp32, contiguous, plain (not DTensor) CPU tensor: what the loops take."""
+    return t.dtype == torch.float32 and t.is_cpu and t.is_contiguous() and not hasattr(t, "to_local")
+
+
 def loop_ready(*tensors: torch.Tensor) -> bool:
     """True when the compiled loops take these tensors (fp32, contiguous, on CPU, the loops built)."""
-    plain = all(not hasattr(t, "to_local") for t in tensors)  # DTensor shards take the sharded path
-    return plain and all(
-        t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" for t in tensors
-    ) and loop_available()
+    return all(_plain_fp32(t) for t in tensors) and loop_available()  # DTensor shards take the sharded path
 
 
 def all_finite(tensors: list[torch.Tensor]) -> bool:

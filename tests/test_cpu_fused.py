@@ -37,6 +37,25 @@ def test_update_and_dot_matches_the_oracle(loop, shape, init):
     torch.testing.assert_close(torch.tensor(coef * dot), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("init", [False, True], ids=["C", "P0"])
+def test_update_and_dot_many_equals_one_call_per_tensor(loop, init):
+    """The batched call: fp32 tensors through one C call, the others (float64, non-contiguous) through
+    torch one by one, a zero coefficient leaving its tensor untouched; the same bits as one call each."""
+    shapes = [(17, 33), (5,), (33, 16), (1, 1), (8, 6)]
+    ws = [torch.randn(s) for s in shapes]
+    ws[1] = ws[1].double()
+    ws[4] = torch.randn(6, 8).t()  # non-contiguous
+    cs, gs = [torch.randn_like(w) for w in ws], [torch.randn_like(w) for w in ws]
+    coefs = [-0.37, 0.25, 0.0, 1e-3, -0.5]
+    w_ref, c_ref = [w.clone() for w in ws], [c.clone() for c in cs]
+    dots = cpu.update_and_dot_many(ws, cs, gs, coefs, init)
+    for i, cf in enumerate(coefs):
+        ref = cpu.update_and_dot(w_ref[i], c_ref[i], gs[i], cf, init) if cf != 0.0 else 0.0
+        assert dots[i] == ref
+        assert torch.equal(ws[i], w_ref[i]) and torch.equal(cs[i], c_ref[i])
+    assert torch.equal(ws[2], w_ref[2]) and dots[2] == 0.0
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_dist_sq_and_rebase_update(loop, shape):
     old, p, c = torch.randn(shape), torch.randn(shape), torch.randn(shape)
@@ -92,7 +111,7 @@ def test_host_coefficient_equals_the_vector_formula():
                          ids=["relu", "tanh-bias", "gelu"])  # fmt: skip
 @pytest.mark.parametrize("route", ["autograd", "function"])
 def test_cpu_fused_step_equals_drop_in(loop, kw, route, monkeypatch):
-    """Both CPU routes of the fused step (small inputs: autograd's ops and a grad hook; larger: the
+    """Both CPU routes of the fused step (small inputs: autograd's ops and a pre-hook; larger: the
     in-backward Function), and the drop-in step on either forward, take the same steps."""
     import nup.model
 
@@ -117,6 +136,30 @@ def test_cpu_fused_step_equals_drop_in(loop, kw, route, monkeypatch):
     va, vb = a.stat_vectors(), b.stat_vectors()
     for key in ("update_norm", "cos", "c_norm", "coherence", "skipped"):
         torch.testing.assert_close(va[key], vb[key], rtol=2e-4, atol=2e-5, msg=key)
+
+
+def test_fused_autograd_route_sums_the_gradient_of_a_layer_applied_twice(monkeypatch):
+    """A layer used twice in one forward (the autograd route captures two (x, δ) pairs): its update is
+    along the sum of both gradients, as drop-in's is."""
+    monkeypatch.delenv("NUP_BACKEND", raising=False)
+    torch.manual_seed(0)
+    model = NuMLP(6, 3, 4, 9, width_schedule="constant")
+    twin = copy.deepcopy(model)
+    a, b = NuP(model.named_parameters(), lr=0.1), NuP(twin.named_parameters(), lr=0.1, fused=True)
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+
+    def loss_of(m):
+        h = m.layers[1](m.layers[1](m.layers[0](x)))  # layers[1] twice, layers[2] never: no gradient
+        return nn.functional.cross_entropy(m.layers[3](h), y)
+
+    for m, opt in ((model, a), (twin, b)):
+        for _ in range(2):
+            opt.zero_grad()
+            loss_of(m).backward()
+            opt.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(a.stat_vectors()["cos"], b.stat_vectors()["cos"], rtol=2e-4, atol=2e-5)
 
 
 def test_fused_autograd_route_drops_each_gradient_and_refuses_a_second_backward(monkeypatch):
