@@ -9,7 +9,10 @@ the per-layer partial sums into statistics and advances the schedule. On CPU at 
 :func:`autograd_route`) the layer runs autograd's own ops with W and b detached (autograd computes
 only ``dx``), a pre-hook on its pre-activation's node keeps ``x`` and ``δ``, and the updates run when the backward
 pass ends (one autograd-engine callback): each layer's ``G`` is formed in one shared buffer just before
-its loop reads it, with ``‖G‖`` from the Grams where they beat a read.
+its loop reads it, with ``‖G‖`` from the Grams where they beat a read. At larger batches the layer
+runs :class:`_LinearActUpdate` (α inside the GEMMs) and, on CPU, hands ``x`` and ``δ`` to the same
+end-of-pass update: made between the backward's GEMMs, the updates evicted the data those GEMMs read
+next (measured 1.025× the drop-in step at batch 256 that way, 1.012× deferred).
 
 Refused, with a clear error: a base optimizer, parameters outside NuMLP layers, and two
 backward passes without a step in between (gradient accumulation). Gradient clipping across
@@ -91,11 +94,16 @@ class FusedStep:
     def grad_buffer(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """CPU: an fp32 view of ``shape`` on the one scratch buffer every layer's ``G`` is formed in (each is
         consumed by its loop before the next layer's is formed); grown to the largest layer once."""
-        numel = math.prod(shape)
-        buf = self.buffers.get("grad")
-        if buf is None or buf.numel() < numel or buf.device != like.device:
-            buf = self.buffers["grad"] = torch.empty(numel, dtype=torch.float32, device=like.device)
-        return buf[:numel].view(shape)
+        views = self.buffers.setdefault("grad_views", {})
+        view = views.get(shape)
+        if view is None or view.device != like.device:
+            numel = math.prod(shape)
+            buf = self.buffers.get("grad")
+            if buf is None or buf.numel() < numel or buf.device != like.device:
+                buf = self.buffers["grad"] = torch.empty(numel, dtype=torch.float32, device=like.device)
+                views.clear()  # views of the old buffer
+            view = views[shape] = buf[:numel].view(shape)
+        return view
 
     def optimizer(self) -> Any:
         opt = self.opt_ref()
@@ -142,8 +150,8 @@ class FusedStep:
 
     def host_coefficient(self, i: int, d_norm: float) -> float:
         """CPU: tensor ``i``'s ``coef`` (0.0 to skip) from its ``‖D‖`` and this step's rates."""
-        eta, scales, normalize = (v[i] for v in self.host["rates"])
-        return core.host_coefficient(d_norm, eta, scales, normalize)
+        eta, scales, normalize = self.host["rates"]
+        return core.host_coefficient(d_norm, eta[i], scales[i], normalize[i])
 
     def file_host(self, i: int, d_norm: float, dot: float) -> None:
         self.host["d_norm"][i], self.host["dot"][i] = d_norm, dot
@@ -188,12 +196,12 @@ class _LayerUpdate:
     def __call__(self, layer: NuLinear, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != layer.fan_in:
             raise ValueError(f"layer expects inputs (..., {layer.fan_in}), got {tuple(x.shape)}")
-        x2d = x.reshape(-1, layer.fan_in)
+        x2d = x if x.dim() == 2 else x.reshape(-1, layer.fan_in)
         if autograd_route(layer, x2d):
             y = layer.activation(self._captured_preactivation(layer, x2d))
         else:
             y = _LinearActUpdate.apply(x2d, layer.weight, layer.bias, layer, self)
-        return y.reshape(*x.shape[:-1], layer.fan_out)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], layer.fan_out)
 
     def _captured_preactivation(self, layer: NuLinear, x: torch.Tensor) -> torch.Tensor:
         """Autograd route: ``h = α·x Wᵀ + bias_scale·b`` with W and b detached, so autograd computes only
@@ -229,8 +237,9 @@ class _LayerUpdate:
         path does: any finite, non-zero G takes its step)."""
         w, alpha = layer.weight, layer.alpha
         batch, (n_out, n_in) = x.shape[0], w.shape
-        acc = torch.promote_types(w.dtype, torch.float32)  # float64 tensors: float64 G and statistics
-        if w.dtype == x.dtype == torch.float32:
+        fp32 = w.dtype == torch.float32
+        acc = torch.float32 if fp32 else torch.promote_types(w.dtype, torch.float32)  # float64: float64 G, stats
+        if fp32 and x.dtype == torch.float32:
             g = torch.mm(delta.t(), x, out=self.fused.grad_buffer((n_out, n_in), w))  # G/α
         else:
             g = delta.to(acc).t() @ x.to(acc)
@@ -375,8 +384,11 @@ class _LinearActUpdate(torch.autograd.Function):
             delta = reference.activation_delta(dy, saved, act, act.grad_from_output)
         if ctx.needs_input_grad[0] and not ctx.kernels:  # uses the old W: computed before the update
             dx = cpu.scaled_mm(delta.to(weight.dtype), weight, layer.alpha).to(x.dtype)
-        with torch.no_grad():
-            ctx.hook.update(layer, x, dy, saved, delta)
+        if use_triton(x):
+            with torch.no_grad():
+                ctx.hook.update(layer, x, dy, saved, delta)
+        else:  # CPU: at the end of the pass, as the autograd route (no update evicting the backward's data)
+            ctx.hook.fused.defer(ctx.hook, layer, x, delta)
         return dx, None, None, None, None
 
 

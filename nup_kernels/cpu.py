@@ -202,18 +202,16 @@ def update_and_dot_many(
     """:func:`update_and_dot` for every tensor (a ``coef`` of 0.0 skips its tensor and gives 0.0): the
     tensors the loop takes go through one C call, the others through eager torch one by one."""
     dots = [0.0] * len(weights)
+    plain = _plain_fp32 if loop_available() else lambda t: False
     fast = []
     for i, (w, c, g, cf) in enumerate(zip(weights, cumulatives, grads, coefs, strict=True)):
         if cf == 0.0:
             continue
-        if _plain_fp32(w) and _plain_fp32(c) and _plain_fp32(g):
+        if plain(w) and plain(c) and plain(g):
             fast.append(i)
         else:
             dots[i] = update_and_dot(w, c, g, cf, init)
-    if fast and not loop_available():
-        for i in fast:
-            dots[i] = update_and_dot(weights[i], cumulatives[i], grads[i], coefs[i], init)
-    elif fast:
+    if fast:
         k, ptrs = len(fast), ctypes.c_void_p * len(fast)
         out = (ctypes.c_float * k)()
         _loop_library().nup_update_dot_many(
@@ -233,7 +231,7 @@ def _plain_fp32(t: torch.Tensor) -> bool:
 
 def loop_ready(*tensors: torch.Tensor) -> bool:
     """True when the compiled loops take these tensors (fp32, contiguous, on CPU, the loops built)."""
-    return all(_plain_fp32(t) for t in tensors) and loop_available()  # DTensor shards take the sharded path
+    return all([_plain_fp32(t) for t in tensors]) and loop_available()  # DTensor shards take the sharded path
 
 
 def all_finite(tensors: list[torch.Tensor]) -> bool:
