@@ -20,7 +20,7 @@ import json
 import math
 import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -244,7 +244,7 @@ def _extension(cfg: Config, runs: dict, key: tuple, js: list[int], chance: float
 def _save_runs(cfg: Config, out: Path, runs: dict[tuple, dict]) -> None:
     """``results.json`` with the runs so far and no analysis: what survives an interrupted study."""
     write_json_atomic(out / "results.json", {"study": "depth_transfer", "config": config_dict(cfg), "analysis": None,
-                                             "runs": list(runs.values())})
+                                             "runs": [runs[k] for k in sorted(runs)]})
 
 
 RUN_FIELDS = ("horizon", "lr_centre", "lr_points", "batch_size", "schedule", "m", "width_offset", "sp_width",
@@ -291,10 +291,15 @@ def saved_grid(cfg: Config, out: Path) -> tuple[dict[tuple, dict], dict[tuple, l
 
 def run_grid(cfg: Config, out: Path, progress: bool = True) -> tuple[dict[tuple, dict], dict[tuple, list[int]],
                                                                      dict[str, float]]:
-    """Every run of the study: depth by depth, each grid extended until its optimum is interior.
+    """Every run of the study: per task and parameterization, depth by depth, each grid extended until
+    its optimum is interior; the next depth's grid starts at this one's optimum.
 
-    Returns ``(runs keyed by (task, variant, depth, j, seed), grid indices per (task, variant, depth),
-    chance loss per task)``; the runs so far are saved to ``out`` after every round.
+    Each (task, parameterization) chain advances on its own, so no worker waits for another chain's
+    depth to finish; the runs waiting for a worker start largest model first. The runs and grids are
+    those of a study that finishes every depth of every chain before the next (each chain's decisions
+    read its own runs only). Returns ``(runs keyed by (task, variant, depth, j, seed), grid indices per
+    (task, variant, depth), chance loss per task)``; the runs so far are saved to ``out`` whenever a
+    chain's round ends.
     """
     import os
 
@@ -306,47 +311,91 @@ def run_grid(cfg: Config, out: Path, progress: bool = True) -> tuple[dict[tuple,
     cache = cached_runs(cfg, out)
     runs: dict[tuple, dict] = {}
     grids: dict[tuple, list[int]] = {}
-    centre = {(t, v): 0 for t in cfg.tasks for v in cfg.parameterizations}
+    level = {(t, v): 0 for t in cfg.tasks for v in cfg.parameterizations}  # index into cfg.depths
+    centre = dict.fromkeys(level, 0)
+    waiting: dict[tuple, set] = {}  # chain → its runs of this round not finished yet
+    queue: list[tuple] = []  # runs waiting for a worker
+    sizes = _model_sizes(cfg)
+    bar = tqdm(desc="depth_transfer", unit="run", disable=None if progress else True, leave=False, total=0)
+
+    def advance(chain: tuple, extend: bool) -> None:
+        """Queue the chain's next round: its grid extended, or the next depth's grid once this one is settled."""
+        while level[chain] < len(cfg.depths):
+            key = (*chain, cfg.depths[level[chain]])
+            if key not in grids:
+                first = centre[chain] - cfg.lr_points // 2
+                grids[key] = list(range(first, first + cfg.lr_points))
+            elif extend:
+                grids[key] = sorted(grids[key] + _extension(cfg, runs, key, grids[key], chance[chain[0]]))
+            todo = [(*key, j, cfg.seed + s) for j in grids[key] for s in range(cfg.seeds)
+                    if (*key, j, cfg.seed + s) not in runs]
+            extend = True
+            if not todo:  # settled: the next depth starts at this one's optimum
+                mean = curve(cfg, runs, key, grids[key], horizons(cfg)[-1]).mean(axis=0)
+                eta = optimal_lr([grid_lr(cfg, j) for j in grids[key]], mean)["refined"]
+                if eta is not None:
+                    centre[chain] = round(math.log(eta / cfg.lr_centre) / math.log(GRID_RATIO))
+                level[chain] += 1
+                continue
+            runs.update({job: cache[job] for job in todo if job in cache})
+            todo = [job for job in todo if job not in runs]
+            if todo:
+                waiting[chain] = set(todo)
+                queue.extend(todo)
+                bar.total += len(todo)
+                return
+
+    def finished(job: tuple, record: dict) -> None:
+        runs[job] = record
+        bar.update()
+        chain = job[:2]
+        waiting[chain].discard(job)
+        if not waiting[chain]:
+            _save_runs(cfg, out, runs)
+            advance(chain, True)
+
     pool = None
     if cfg.workers > 1:
         pool = ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_init_worker, initargs=(os.getpid(),))
-    bar = tqdm(desc="depth_transfer", unit="run", disable=None if progress else True, leave=False, total=0)
     try:
-        for depth in cfg.depths:
-            for (task, variant), c in centre.items():
-                first = c - cfg.lr_points // 2
-                grids[task, variant, depth] = list(range(first, first + cfg.lr_points))
-            while True:
-                todo = [(*key, j, cfg.seed + s) for key, js in grids.items() if key[2] == depth
-                        for j in js for s in range(cfg.seeds) if (*key, j, cfg.seed + s) not in runs]
-                if not todo:
-                    break
-                runs.update({job: cache[job] for job in todo if job in cache})
-                todo = [job for job in todo if job not in runs]
-                bar.total += len(todo)
-                bar.set_postfix_str(f"L={depth}", refresh=False)
-                results = (pool.map(_job, [asdict(cfg)] * len(todo), todo) if pool
-                           else (train_one(cfg, *job) for job in todo))
-                for job, record in zip(todo, results):
-                    runs[job] = record
-                    bar.update()
-                if todo:
-                    _save_runs(cfg, out, runs)
-                for key, js in grids.items():
-                    if key[2] == depth:
-                        grids[key] = sorted(js + _extension(cfg, runs, key, js, chance[key[0]]))
-            for task, variant in centre:
-                js = grids[task, variant, depth]
-                mean = curve(cfg, runs, (task, variant, depth), js, horizons(cfg)[-1]).mean(axis=0)
-                eta = optimal_lr([grid_lr(cfg, j) for j in js], mean)["refined"]
-                if eta is not None:
-                    centre[task, variant] = round(math.log(eta / cfg.lr_centre) / math.log(GRID_RATIO))
+        for chain in level:
+            advance(chain, False)
+        running: dict[Any, tuple] = {}
+        while queue or running:
+            queue.sort(key=lambda job: sizes[job[:3]])  # the largest last, popped first
+            while queue and (pool is None and not running or pool is not None and len(running) < cfg.workers):
+                job = queue.pop()
+                if pool is None:
+                    finished(job, train_one(cfg, *job))
+                else:
+                    running[pool.submit(_job, asdict(cfg), job)] = job
+            if running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    finished(running.pop(future), future.result())
     finally:
         bar.close()
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    return runs, grids, chance
+    return dict(sorted(runs.items())), grids, chance  # one order however the runs finished
+
+
+def _model_sizes(cfg: Config) -> dict[tuple, int]:
+    """Parameters of each (task, variant, depth)'s NuMLP (built on the meta device): the order runs wait
+    for a worker in."""
+    from nup import NuMLP
+
+    sizes = {}
+    for task in cfg.tasks:
+        x, y = load_task(cfg, task)
+        for variant in cfg.parameterizations:
+            m, kwargs = variant_config(cfg, variant)
+            for depth in cfg.depths:
+                with torch.device("meta"):
+                    model = NuMLP(x.shape[1], int(y.max()) + 1, depth, m, **kwargs)
+                sizes[task, variant, depth] = sum(p.numel() for p in model.parameters())
+    return sizes
 
 
 def analyse(cfg: Config, runs: dict, grids: dict, chance: dict[str, float]) -> dict[str, Any]:
