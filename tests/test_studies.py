@@ -335,3 +335,32 @@ def test_help_lists_the_studies_and_their_options(capsys):
     text = capsys.readouterr().out
     for name in (*STUDIES, "--quick", "--uv-units", "--eta-fractions", "--max-width"):
         assert name in text
+
+
+def test_depth_transfer_chains_advance_on_their_own_largest_model_first(monkeypatch, tmp_path):
+    """The scheduler: the runs waiting for a worker start largest model first, each chain's next depth
+    starts at its own optimum (an lr three grid steps from where the chain began is reached by
+    extension), and the grids end with η* interior."""
+    import nup.studies.depth_transfer as dt
+
+    best = {"sp": 3, "nup": -2}  # each variant's optimal grid index, the same at every depth
+    order = []
+
+    def fake(cfg, task, variant, depth, j, seed):
+        order.append((variant, depth))
+        loss = 0.05 * (1 + (j - best[variant]) ** 2)
+        return {"task": task, "parameterization": variant, "depth": depth, "j": j, "lr": dt.grid_lr(cfg, j),
+                "seed": seed, "metric": {str(h): loss for h in dt.horizons(cfg)}, "time_s": 0.0}
+
+    monkeypatch.setattr(dt, "train_one", fake)
+    cfg = dt.Config(depths=(3, 6), tasks=("teacher",), parameterizations=("sp", "nup"), horizon=4, lr_points=3,
+                    max_lr_points=10, seeds=2, n_train=256, teacher_shape=(4, 8, 2), sp_width=8, workers=1)
+    runs, grids, _ = dt.run_grid(cfg, tmp_path, progress=False)
+    sizes = dt._model_sizes(cfg)
+    assert sizes["teacher", order[0][0], order[0][1]] == max(sizes["teacher", v, 3] for v in best)
+    for variant, j in best.items():
+        for depth in cfg.depths:
+            js = grids["teacher", variant, depth]
+            assert js[0] < j < js[-1], (variant, depth, js)  # interior, whichever way the chain had to go
+    assert grids["teacher", "sp", 6] == [2, 3, 4]  # depth 6 started at depth 3's optimum: no extension
+    assert list(runs) == sorted(runs)
