@@ -330,6 +330,8 @@ def _grad_norm_sq(x, delta, alpha: float, g, scale: float, gram: bool, dtype: to
     if gram:  # ‖α·δᵀx‖² = α²·⟨x xᵀ, δ δᵀ⟩
         xs, ds = x.to(dtype), delta.to(dtype)
         return float(((xs @ xs.t()) * (ds @ ds.t())).sum()) * alpha * alpha
+    if dtype == torch.float32 and cpu.loop_ready(g):
+        return cpu.sum_squares(g) * scale * scale
     flat = g.reshape(-1).to(dtype)
     return float(torch.dot(flat, flat)) * scale * scale
 

@@ -55,6 +55,19 @@ void nup_update_dot_many(float *const *w, float *const *c, const float *const *g
     for (int64_t j = 0; j < count; ++j)
         out[j] = coef[j] == 0.0f ? 0.0f : nup_update_dot(w[j], c[j], g[j], n[j], coef[j], init);
 }
+/* sum of x^2: 64 fp32 lanes (four vector chains, so the sum streams at load speed), added in double */
+double nup_sum_squares(const float *restrict x, int64_t n) {
+    float lanes[64] = {0.0f};
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        #pragma omp simd
+        for (int j = 0; j < 64; ++j) lanes[j] += x[i + j] * x[i + j];
+    }
+    double acc = 0.0;
+    for (; i < n; ++i) acc += (double)x[i] * x[i];
+    for (int j = 0; j < 64; ++j) acc += lanes[j];
+    return acc;
+}
 /* 1 when every entry is finite: x*0 is 0 for finite x, NaN for NaN and +-inf (no -ffast-math) */
 int nup_all_finite(const float *restrict x, int64_t n) {
     float acc = 0.0f;
@@ -163,9 +176,10 @@ def _loop_library() -> ctypes.CDLL | None:
         ("nup_adam_moments", [ptr, ptr, ptr, ptr, n, *[f32] * 9]),
         ("nup_adam_apply", [ptr, ptr, ptr, ptr, n, *[f32] * 5]),
         ("nup_update_dot_many", [ptr, ptr, ptr, ptr, ptr, n, ctypes.c_int, ptr]),
+        ("nup_sum_squares", [ptr, n]),
     ):
         getattr(dll, name).restype, getattr(dll, name).argtypes = f32, args
-    dll.nup_dist_sq.restype = dll.nup_adam_moments.restype = ctypes.c_double
+    dll.nup_dist_sq.restype = dll.nup_adam_moments.restype = dll.nup_sum_squares.restype = ctypes.c_double
     dll.nup_update_dot_many.restype = None
     dll.nup_all_finite.restype = dll.nup_snapshot_finite.restype = ctypes.c_int
     return dll
@@ -259,6 +273,13 @@ def snapshot_if_finite(dst: list[torch.Tensor], src: list[torch.Tensor], grads: 
             d.copy_(s)
             finite &= all_finite([g])
     return finite
+
+
+def sum_squares(t: torch.Tensor) -> float:
+    """``Σ t²`` as a float: fp32 lanes added in double by one loop (the caller checked :func:`loop_ready`).
+    A sum beyond fp32's range comes back beyond it (inf from the lanes, or exact from the tail) and a
+    tiny one may underflow, as torch's fp32 sum would: the caller redoes sums out of the exact range."""
+    return _loop_library().nup_sum_squares(t.data_ptr(), t.numel())
 
 
 def dist_sq(a: torch.Tensor, b: torch.Tensor) -> float:

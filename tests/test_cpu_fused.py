@@ -56,6 +56,17 @@ def test_update_and_dot_many_equals_one_call_per_tensor(loop, init):
     assert torch.equal(ws[2], w_ref[2]) and dots[2] == 0.0
 
 
+@pytest.mark.parametrize("n", [0, 1, 63, 64, 65, 1031])
+def test_sum_squares_matches_a_float64_sum(n):
+    """The lane loop behind the fused path's read of G: every tail length, against a float64 sum."""
+    t = torch.randn(n)
+    assert cpu.loop_ready(t)
+    assert cpu.sum_squares(t) == pytest.approx(float(t.double().square().sum()), rel=1e-6, abs=1e-30)
+    assert cpu.sum_squares(torch.full((100,), 2.0)) == 400.0
+    for n_big in (3, 100):  # beyond fp32's range: exact from the double tail or inf from the lanes, never in range
+        assert cpu.sum_squares(torch.full((n_big,), 3e38)) > 1e38  # the caller redoes it (fused._NORM_SQ_EXACT)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_dist_sq_and_rebase_update(loop, shape):
     old, p, c = torch.randn(shape), torch.randn(shape), torch.randn(shape)
