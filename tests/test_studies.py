@@ -356,8 +356,12 @@ def test_depth_transfer_chains_advance_on_their_own_largest_model_first(monkeypa
     cfg = dt.Config(depths=(3, 6), tasks=("teacher",), parameterizations=("sp", "nup"), horizon=4, lr_points=3,
                     max_lr_points=10, seeds=2, n_train=256, teacher_shape=(4, 8, 2), sp_width=8, workers=1)
     runs, grids, _ = dt.run_grid(cfg, tmp_path, progress=False)
-    sizes = dt._model_sizes(cfg)
+    sizes = dt._model_sizes(cfg, {"teacher": dt.load_task(cfg, "teacher")})
     assert sizes["teacher", order[0][0], order[0][1]] == max(sizes["teacher", v, 3] for v in best)
+    # inline, each run is picked after the rounds it ended were queued: depth 3's nup round, then its
+    # depth 6 (the largest), before sp's smaller depth-3 runs
+    first_sp = order.index(("sp", 3))
+    assert ("nup", 6) in order[:first_sp]
     for variant, j in best.items():
         for depth in cfg.depths:
             js = grids["teacher", variant, depth]

@@ -307,7 +307,8 @@ def run_grid(cfg: Config, out: Path, progress: bool = True) -> tuple[dict[tuple,
 
     from nup.sweep import _init_worker
 
-    chance = {task: chance_loss(load_task(cfg, task)[1]) for task in cfg.tasks}
+    data = {task: load_task(cfg, task) for task in cfg.tasks}
+    chance = {task: chance_loss(y) for task, (_, y) in data.items()}
     cache = cached_runs(cfg, out)
     runs: dict[tuple, dict] = {}
     grids: dict[tuple, list[int]] = {}
@@ -315,7 +316,7 @@ def run_grid(cfg: Config, out: Path, progress: bool = True) -> tuple[dict[tuple,
     centre = dict.fromkeys(level, 0)
     waiting: dict[tuple, set] = {}  # chain → its runs of this round not finished yet
     queue: list[tuple] = []  # runs waiting for a worker
-    sizes = _model_sizes(cfg)
+    sizes = _model_sizes(cfg, data)
     bar = tqdm(desc="depth_transfer", unit="run", disable=None if progress else True, leave=False, total=0)
 
     def advance(chain: tuple, extend: bool) -> None:
@@ -364,16 +365,16 @@ def run_grid(cfg: Config, out: Path, progress: bool = True) -> tuple[dict[tuple,
         running: dict[Any, tuple] = {}
         while queue or running:
             queue.sort(key=lambda job: sizes[job[:3]])  # the largest last, popped first
-            while queue and (pool is None and not running or pool is not None and len(running) < cfg.workers):
+            if pool is None:  # one at a time: the runs a finished round queued are sorted in first
                 job = queue.pop()
-                if pool is None:
-                    finished(job, train_one(cfg, *job))
-                else:
-                    running[pool.submit(_job, asdict(cfg), job)] = job
-            if running:
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    finished(running.pop(future), future.result())
+                finished(job, train_one(cfg, *job))
+                continue
+            while queue and len(running) < cfg.workers:
+                job = queue.pop()
+                running[pool.submit(_job, asdict(cfg), job)] = job
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                finished(running.pop(future), future.result())
     finally:
         bar.close()
         if pool is not None:
@@ -381,14 +382,13 @@ def run_grid(cfg: Config, out: Path, progress: bool = True) -> tuple[dict[tuple,
     return dict(sorted(runs.items())), grids, chance  # one order however the runs finished
 
 
-def _model_sizes(cfg: Config) -> dict[tuple, int]:
-    """Parameters of each (task, variant, depth)'s NuMLP (built on the meta device): the order runs wait
-    for a worker in."""
+def _model_sizes(cfg: Config, data: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[tuple, int]:
+    """Parameters of each (task, variant, depth)'s NuMLP (built on the meta device) for the tasks' ``(x, y)``:
+    the order runs wait for a worker in."""
     from nup import NuMLP
 
     sizes = {}
-    for task in cfg.tasks:
-        x, y = load_task(cfg, task)
+    for task, (x, y) in data.items():
         for variant in cfg.parameterizations:
             m, kwargs = variant_config(cfg, variant)
             for depth in cfg.depths:
