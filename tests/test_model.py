@@ -9,6 +9,7 @@ import torch
 
 from nup import NuMLP, ParamMeta
 from nup.parameterization import DEFAULT_WIDTH_LIMIT
+from nup_kernels.activations import get_activation
 
 SQRT2 = math.sqrt(2.0)  # σ_w of ReLU at the EOC
 TANH_SIGMA_W2 = 2.505127  # SPEC §1: tanh at σ_b² = 0.3
@@ -166,6 +167,23 @@ def test_small_batch_cpu_forward_takes_autograds_own_ops_and_agrees(activation, 
     torch.testing.assert_close(o1, o2, rtol=1e-5, atol=1e-6)
     for a, b in zip(g1 + list(h1), g2 + list(h2)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["relu", "identity", "tanh", "abs", "leaky_relu:0.1", "gelu"])
+def test_activation_apply_in_place_matches_call_and_its_gradient(name):
+    """``apply_`` writes φ(h) into h for ReLU, identity and tanh (nothing else changes), and returns
+    a new tensor for the rest; values and gradients through ``h = (x Wᵀ)·α`` equal ``__call__``'s."""
+    act = get_activation(name)
+    x, w = torch.randn(5, 7), torch.randn(6, 7, requires_grad=True)
+    grads = []
+    for apply in (act.__call__, act.apply_):
+        h = torch.nn.functional.linear(x, w).mul_(0.3)
+        y = apply(h)
+        in_place = name == "identity" or (apply == act.apply_ and name in ("relu", "tanh"))
+        assert (y.data_ptr() == h.data_ptr()) == in_place
+        (g,) = torch.autograd.grad((y * torch.arange(6.0)).sum(), w)
+        grads.append((y.detach(), g))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
 def test_forward_is_differentiable():

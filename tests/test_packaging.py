@@ -88,3 +88,19 @@ def test_traffic_is_callable_as_the_readme_writes_it():
     assert nup_kernels.traffic.traffic(1000, "plain_sgd")["bytes"] == 6 * 1000 * 4
     table = nup_kernels.traffic.table(1000)
     assert table["unfused_stats"]["total_passes"] == 13 and len(table) == len(nup_kernels.traffic.PASSES)
+
+
+def test_requested_backend_follows_every_write_to_the_environment(monkeypatch):
+    from nup_kernels.backend import requested_backend
+
+    monkeypatch.delenv("NUP_BACKEND", raising=False)
+    assert requested_backend() is None
+    monkeypatch.setenv("NUP_BACKEND", " Triton ")
+    assert requested_backend() == "triton"
+    monkeypatch.setenv("NUP_BACKEND", "reference")
+    assert requested_backend() == "reference"
+    monkeypatch.setenv("NUP_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="NUP_BACKEND='cuda' is not one of"):
+        requested_backend()
+    monkeypatch.setenv("NUP_BACKEND", "")
+    assert requested_backend() is None
