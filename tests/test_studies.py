@@ -78,8 +78,12 @@ def test_depth_transfer_quick_values(quick):
             e = entry["horizons"][str(h)]["by_depth"][str(depth)]
             assert e["lrs"] == pytest.approx([cfg["lr_centre"] * math.sqrt(2) ** j for j in js])
             assert e["trained"] == (e["optimum"]["loss"] <= results["analysis"][task]["chance_loss"] / 2)
+            half = results["analysis"][task]["chance_loss"] / 2
+            metric = {(r["j"], r["seed"]): r["metric"][str(h)] for r in runs
+                      if (r["task"], r["parameterization"], r["depth"]) == (task, variant, depth)}
+            assert e["stuck"] == [sum(v is None or v > half for (jj, _), v in metric.items() if jj == j) for j in js]
     readme = (out / "README.md").read_text(encoding="utf-8")
-    assert "T(L) prediction" in readme and "95% CI" in readme
+    assert "T(L) prediction" in readme and "95% CI" in readme and "runs left above half of chance" in readme
 
 
 def test_depth_transfer_resumes_from_its_saved_runs(quick, tmp_path):

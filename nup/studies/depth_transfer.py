@@ -420,7 +420,8 @@ def analyse(cfg: Config, runs: dict, grids: dict, chance: dict[str, float]) -> d
                     if trained and not opt["at_edge"]:
                         fit_depths.append(depth)
                     by_depth[str(depth)] = {"lrs": lrs, "losses": [finite_or_none(v) for v in seeds.mean(axis=0)],
-                                            "optimum": opt, "trained": trained}
+                                            "optimum": opt, "trained": trained,
+                                            "stuck": [int(k) for k in (~(seeds <= chance[task] / 2)).sum(axis=0)]}
                 fit = slope_with_ci(fit_depths, {d: by_depth[str(d)]["lrs"] for d in fit_depths},
                                     {d: curve(cfg, runs, (task, variant, d), grids[task, variant, d], h)
                                      for d in fit_depths}, cfg.bootstrap, cfg.seed)
@@ -553,6 +554,14 @@ def _readme(cfg: Config, analysis: dict, runs: dict, env: dict, figures: list[st
                 rows.append(cells)
         blocks += [Heading(f"{task}: η* @ best loss per depth (chance {entry['chance_loss']:.3f})"),
                    Table(["parameterization", "depth", "T(L)", *[f"H = {h}" for h in hs]], rows)]
+        rows = [[variant, d, ", ".join(f"{fmt(lr)}: {k}" for lr, k in zip(e["lrs"], e["stuck"]))]
+                for variant, v in entry["parameterizations"].items() for d in cfg.depths
+                for e in (v["horizons"][str(hs[-1])]["by_depth"][str(d)],)]
+        blocks += [Heading(f"{task}: runs left above half of chance at H = {hs[-1]}, of {cfg.seeds} seeds per lr"),
+                   Paragraph("Runs whose metric is above half of chance (or not finite): slow to train at small "
+                             "lr, or left on a plateau. η* comes from the mean over seeds, so where such runs grow "
+                             "in number with lr, η* follows how often they occur, not T(L) alone."),
+                   Table(["parameterization", "depth", "lr: runs stuck"], rows)]
     blocks += [Figure(Path(name), name.removesuffix(".png").replace("_", " ")) for name in figures]
     return blocks
 
