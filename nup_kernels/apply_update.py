@@ -29,12 +29,19 @@ with pinned configs (never autotuned). :func:`apply_bias_update` does a bias's w
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
 from nup_kernels import reference
-from nup_kernels.backend import check_inputs, interpreter_active, requested_backend, tl, triton, use_triton
+from nup_kernels.backend import (
+    check_inputs,
+    env_value,
+    interpreter_active,
+    requested_backend,
+    tl,
+    triton,
+    use_triton,
+)
 from nup_kernels.gram_norm import dot_precision
 from nup_kernels.scaled_step import FP32_MAX, LEAST_SUBNORMAL, normalized_coefficient, split_coefficient
 
@@ -251,7 +258,7 @@ def choose_update_path(
     ``batch ≤ SMALL_BATCH_MAX`` for the weight's element size: 256 for 16-bit dtypes, 64 for
     fp32. ``n_out`` and ``n_in`` are validated and kept for a shape-aware crossover.
     """
-    forced = os.environ.get("NUP_UPDATE_PATH", "").strip().lower()
+    forced = env_value("NUP_UPDATE_PATH").strip().lower()
     if forced:
         if forced not in UPDATE_PATHS:
             raise ValueError(f"NUP_UPDATE_PATH={forced!r} is not one of {UPDATE_PATHS}; unset it or pick one")

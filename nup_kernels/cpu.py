@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from nup_kernels.activations import Activation
+from nup_kernels.backend import env_value
 
 _LOOP_SOURCE = r"""
 #include <math.h>
@@ -187,7 +188,7 @@ def _loop_library() -> ctypes.CDLL | None:
 
 def loop_available() -> bool:
     """True when the compiled one-loop update is used (``NUP_CPU_LOOP=0`` turns it off)."""
-    return os.environ.get("NUP_CPU_LOOP", "1") != "0" and _loop_library() is not None
+    return env_value("NUP_CPU_LOOP", "1") != "0" and _loop_library() is not None
 
 
 def update_and_dot(

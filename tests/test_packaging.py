@@ -104,3 +104,15 @@ def test_requested_backend_follows_every_write_to_the_environment(monkeypatch):
         requested_backend()
     monkeypatch.setenv("NUP_BACKEND", "")
     assert requested_backend() is None
+
+
+def test_env_value_reads_what_os_environ_holds(monkeypatch):
+    from nup_kernels import cpu
+    from nup_kernels.backend import env_value
+
+    monkeypatch.delenv("NUP_TEST_SWITCH", raising=False)
+    assert env_value("NUP_TEST_SWITCH") == "" and env_value("NUP_TEST_SWITCH", "1") == "1"
+    monkeypatch.setenv("NUP_TEST_SWITCH", "ünï")
+    assert env_value("NUP_TEST_SWITCH") == "ünï" == os.environ["NUP_TEST_SWITCH"]
+    monkeypatch.setenv("NUP_CPU_LOOP", "0")
+    assert not cpu.loop_available()
