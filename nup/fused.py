@@ -237,9 +237,8 @@ class _LayerUpdate:
         path does: any finite, non-zero G takes its step)."""
         w, alpha = layer.weight, layer.alpha
         batch, (n_out, n_in) = x.shape[0], w.shape
-        fp32 = w.dtype == torch.float32
-        acc = torch.float32 if fp32 else torch.promote_types(w.dtype, torch.float32)  # float64: float64 G, stats
-        if fp32 and x.dtype == torch.float32:
+        acc = torch.promote_types(w.dtype, torch.float32)  # float64 tensors: float64 G and statistics
+        if w.dtype == x.dtype == torch.float32:
             g = torch.mm(delta.t(), x, out=self.fused.grad_buffer((n_out, n_in), w))  # G/α
         else:
             g = delta.to(acc).t() @ x.to(acc)

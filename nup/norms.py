@@ -50,11 +50,8 @@ def direction_norms(tensors: Sequence[torch.Tensor], host_readable: bool) -> tor
     else:
         narrow_norms = torch._foreach_norm(narrow, 2, dtype=torch.float64) if narrow else []
         wide_norms = [_safe_norm(t) for t in wide]
-    if not wide:
-        out = torch.stack(list(narrow_norms)).double()
-    else:
-        narrow_it, wide_it = iter(narrow_norms), iter(wide_norms)
-        out = torch.stack([(next(wide_it) if t.dtype == torch.float64 else next(narrow_it)).double() for t in tensors])
+    narrow_it, wide_it = iter(narrow_norms), iter(wide_norms)  # back in the tensors' order; stack promotes
+    out = torch.stack([next(wide_it) if t.dtype == torch.float64 else next(narrow_it) for t in tensors]).double()
     if host_readable:
         for i, (t, value) in enumerate(zip(tensors, out.tolist(), strict=True)):
             lo, hi = _FAST_RANGE.get(t.dtype, _FAST_RANGE_DEFAULT)

@@ -416,12 +416,13 @@ def analyse(cfg: Config, runs: dict, grids: dict, chance: dict[str, float]) -> d
                     lrs = [grid_lr(cfg, j) for j in js]
                     seeds = curve(cfg, runs, (task, variant, depth), js, h)
                     opt = optimal_lr(lrs, seeds.mean(axis=0))
-                    trained = opt["loss"] is not None and opt["loss"] <= chance[task] / 2
+                    half = chance[task] / 2
+                    trained = opt["loss"] is not None and opt["loss"] <= half
                     if trained and not opt["at_edge"]:
                         fit_depths.append(depth)
                     by_depth[str(depth)] = {"lrs": lrs, "losses": [finite_or_none(v) for v in seeds.mean(axis=0)],
                                             "optimum": opt, "trained": trained,
-                                            "stuck": [int(k) for k in (~(seeds <= chance[task] / 2)).sum(axis=0)]}
+                                            "stuck": [int(k) for k in (seeds > half).sum(axis=0)]}  # inf: not finite
                 fit = slope_with_ci(fit_depths, {d: by_depth[str(d)]["lrs"] for d in fit_depths},
                                     {d: curve(cfg, runs, (task, variant, d), grids[task, variant, d], h)
                                      for d in fit_depths}, cfg.bootstrap, cfg.seed)
