@@ -208,7 +208,8 @@ class _LayerUpdate:
         ``dx`` (with the old W); a pre-hook on ``h``'s node hands ``δ = ∂L/∂h`` and ``x`` to the end-of-pass update."""
         h = nn.functional.linear(x, layer.weight.detach())
         # the first layer's x needs no gradient, but its δ must still reach the update
-        h = h.mul_(layer.alpha) if h.requires_grad else h.requires_grad_() * layer.alpha
+        alpha = layer.alpha_like(h)
+        h = h.mul_(alpha) if h.requires_grad else h.requires_grad_() * alpha
         if layer.bias is not None:
             h = h.add_(layer.bias.detach(), alpha=layer.bias_scale)
         fused = self.fused

@@ -69,6 +69,7 @@ class NuLinear(nn.Module):
         self.bias = nn.Parameter(torch.randn(fan_out)) if bias_meta is not None else None
         self.weight_meta, self.bias_meta = weight_meta, bias_meta
         self.fused_update = None  # set by NuP(fused=True): applies this layer's update in backward
+        self._alpha_tensor = torch.tensor(self.alpha)
         self._attach_meta()
 
     def _attach_meta(self) -> None:
@@ -81,12 +82,26 @@ class NuLinear(nn.Module):
     def __setstate__(self, state: dict) -> None:
         # deepcopy rebuilds Parameters without their attributes: put the metadata back.
         super().__setstate__(state)
+        if "_alpha_tensor" not in self.__dict__:  # pickled before α was kept as a tensor
+            self._alpha_tensor = torch.tensor(self.alpha)
         self._attach_meta()
+
+    def alpha_like(self, h: torch.Tensor) -> torch.Tensor:
+        """α as a 0-dim tensor on ``h``'s device, in float64 for a float64 ``h`` and float32 otherwise.
+
+        ``h.mul_(α)`` with a Python float turns α into a tensor and copies it to ``h``'s dtype on every
+        call, forward and backward (about 3% of a depth-16, batch-32 CPU step); this tensor is made once.
+        The product is the same: a float ``h`` is scaled by α rounded to fp32 either way."""
+        a, dtype = self._alpha_tensor, torch.float64 if h.dtype is torch.float64 else torch.float32
+        if a.dtype is not dtype or a.device != h.device:
+            a = self._alpha_tensor = torch.tensor(self.alpha, dtype=dtype, device=h.device)
+        return a
 
     def preactivation(self, x: torch.Tensor) -> torch.Tensor:
         """``h = α·x Wᵀ + bias_scale·b``, shape ``(..., fan_out)``, in autograd's own ops: α and the bias
         are applied in place on ``x Wᵀ`` (a pass over ``h``, none over ``W`` or ``dW``; nothing more saved)."""
-        h = nn.functional.linear(x, self.weight).mul_(self.alpha)
+        h = nn.functional.linear(x, self.weight)
+        h = h.mul_(self.alpha_like(h))
         return h if self.bias is None else h.add_(self.bias, alpha=self.bias_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -186,6 +186,37 @@ def test_activation_apply_in_place_matches_call_and_its_gradient(name):
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_alpha_as_a_tensor_scales_as_the_python_float_and_is_made_once(dtype):
+    """``alpha_like`` gives the bits of ``h·α`` with a Python float α, forward and backward, in every dtype,
+    and is made once per dtype and device."""
+    layer = NuMLP(13, 3, 4, 2).to(dtype).layers[1]
+    h = torch.randn(6, layer.fan_out, dtype=torch.float64).mul(40).to(dtype)
+    alpha = layer.alpha_like(h)
+    assert alpha.dtype == (torch.float64 if dtype is torch.float64 else torch.float32) and alpha.dim() == 0
+    assert layer.alpha_like(h) is alpha and layer.alpha_like(h.clone()) is alpha
+    assert torch.equal(h.clone().mul_(alpha), h.clone().mul_(layer.alpha))
+    assert torch.equal(h * alpha, h * layer.alpha)
+    assert layer.alpha_like(h.double() if dtype is not torch.float64 else h.float()) is not alpha
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_route_converts_no_scalar_per_layer(dtype):
+    """A Python float α was turned into a tensor and copied on every call, forward and backward (one
+    ``aten::_to_copy`` each); with α kept as a tensor a deeper model runs no more of them."""
+    from torch.profiler import profile
+
+    copies = []
+    for depth in (4, 8):
+        model = NuMLP(13, 3, depth, 2).to(dtype)
+        x = torch.randn(5, 13, dtype=dtype)
+        model(x).square().sum().backward()  # warm-up: every layer makes its α tensor
+        with profile() as prof:
+            model(x).square().sum().backward()
+        copies.append(sum(e.name == "aten::_to_copy" for e in prof.events()))
+    assert copies[1] == copies[0], copies
+
+
 def test_forward_is_differentiable():
     model = NuMLP(5, 2, 4, 2, activation="tanh", bias=True, sigma_b2=0.3)
     model(torch.randn(6, 5)).pow(2).sum().backward()
