@@ -3,7 +3,8 @@
 Every case runs each provider of :data:`common.STEP_PROVIDERS` back to back, so the ratios to
 ``plain_torch`` come from one run; each provider also times pairs of (its step, a plain-torch
 step) for the paired ratio of :func:`common.paired_ratio`, and pairs with its own reference
-(:data:`common.STEP_REFERENCES`) for the paired ratio the targets are stated in. In quick mode the compiled providers
+(:data:`common.STEP_REFERENCES`) for the paired ratio the targets are stated in, and the fused step with
+drop-in (:data:`common.STEP_RIVALS`), which it must not be slower than. In quick mode the compiled providers
 skip on CPU, where compiling takes about a minute.
 """
 
@@ -34,6 +35,9 @@ def test_step(benchmark, step_case: common.StepCase, provider: str, bench_option
     )
     ref_name = common.STEP_REFERENCES.get(provider)
     reference = None if ref_name is None else common.build_step(ref_name, step_case, dev)
+    rival_name = common.STEP_RIVALS.get(provider)
+    rival = None if rival_name is None else common.build_step(rival_name, step_case, dev)
     common.run_benchmark(
-        benchmark, step.run, dev, bench_options, extra, baseline and baseline.run, reference and reference.run
+        benchmark, step.run, dev, bench_options, extra, baseline and baseline.run, reference and reference.run,
+        rival and rival.run,
     )

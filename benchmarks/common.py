@@ -54,6 +54,9 @@ STEP_REFERENCES = {
     "numlp_sgd": "plain_torch", "nup_dropin": "numlp_sgd", "nup_dropin_compiled": "numlp_sgd",
     "nup_fused": "numlp_sgd", "nup_wrapper_adam": "adam", "nup_wrapper_adam_fused": "adam_fused",
 }  # fmt: skip
+#: provider -> the provider it must not be slower than (issue #9: the fused path never slower than drop-in),
+#: timed in pairs with it so the comparison does not go through two separately drifting ratios
+STEP_RIVALS = {"nup_fused": "nup_dropin"}
 #: providers whose step is compiled by torch.compile (left out of the launch count and of quick CPU runs)
 COMPILED_PROVIDERS = ("nup_dropin_compiled", "compiled_stats")
 #: depth -> (m, max_width): νP widths ``m·k²``; m chosen so the models have 0.7M–3.3M parameters
@@ -303,7 +306,7 @@ def step_record(case: StepCase, provider: str, step: Step) -> dict[str, object]:
     traffic = model_traffic(widths, step.traffic_path, batch=case.batch)
     return {
         "suite": "steps", "case": case.name, "provider": provider, "baseline": STEP_BASELINE,
-        "reference": STEP_REFERENCES.get(provider),
+        "reference": STEP_REFERENCES.get(provider), "rival": STEP_RIVALS.get(provider),
         "impl": step.impl, "depth": case.depth, "batch": case.batch, "m": case.m, "max_width": case.max_width,
         "widths": widths, "n_params": traffic["n_params"], "traffic_path": step.traffic_path,
         "bytes": traffic["bytes"], "flops": case.flops(widths), "setup_s": round(step.setup_s, 3),
@@ -369,6 +372,13 @@ def paired_ratio(
     both calls of a pair alike, so this ratio is steadier than a ratio of separate medians on a
     shared machine (each call finds the other's tensors in cache, which both pay equally).
     """
+    return statistics.median(paired_ratios(fn, baseline, dev, rounds))
+
+
+def paired_ratios(
+    fn: Callable[[], object], baseline: Callable[[], object], dev: torch.device, rounds: int
+) -> list[float]:
+    """The ``rounds`` ratios ``time(fn) / time(baseline)`` of :func:`paired_ratio`, in timing order."""
     ratios = []
     for i in range(rounds):
         if i % 2:
@@ -377,7 +387,7 @@ def paired_ratio(
         else:
             t = time_once(fn, dev)
             ratios.append(t / time_once(baseline, dev))
-    return statistics.median(ratios)
+    return ratios
 
 
 def run_benchmark(
@@ -388,13 +398,15 @@ def run_benchmark(
     extra: dict,
     baseline: Callable[[], object] | None = None,
     reference: Callable[[], object] | None = None,
+    rival: Callable[[], object] | None = None,
 ) -> None:
     """Warm ``fn`` up, pick the rounds from ``options['budget_s']`` and time it with pytest-benchmark.
 
     With ``baseline`` (the same case's baseline provider), also record ``paired_ratio``
     (:func:`paired_ratio`, over the same number of rounds); the baseline itself records 1.0. With
     ``reference`` (the provider's own reference, :data:`STEP_REFERENCES`), likewise
-    ``paired_ratio_ref``: the ratio the targets are stated in, immune to drift between providers.
+    ``paired_ratio_ref``: the ratio the targets are stated in, immune to drift between providers. With
+    ``rival`` (:data:`STEP_RIVALS`), ``paired_ratio_rival`` and its quartiles ``paired_ratio_rival_q``.
     """
 
     def call() -> None:
@@ -417,5 +429,11 @@ def run_benchmark(
         for _ in range(options["warmup"]):
             time_once(reference, dev)
         benchmark.extra_info["paired_ratio_ref"] = paired_ratio(fn, reference, dev, rounds)
+    if rival is not None:
+        for _ in range(options["warmup"]):
+            time_once(rival, dev)
+        q1, median, q3 = statistics.quantiles(paired_ratios(fn, rival, dev, max(rounds, 4)), n=4)
+        benchmark.extra_info["paired_ratio_rival"] = median
+        benchmark.extra_info["paired_ratio_rival_q"] = [q1, q3]
     if hasattr(os, "getloadavg"):  # other work on the machine skews the times: keep the evidence
         benchmark.extra_info["load_avg_1m"] = round(os.getloadavg()[0], 2)

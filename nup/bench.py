@@ -53,7 +53,7 @@ LABELS = {
 }
 CSV_COLUMNS = (
     "suite", "case", "provider", "impl", "median_ms", "iqr_ms", "min_ms", "rounds", "ratio_vs_torch",
-    "reference", "ratio_vs_reference", "paired_ratio_vs_reference",
+    "reference", "ratio_vs_reference", "paired_ratio_vs_reference", "rival", "paired_ratio_vs_rival",
     "paired_ratio_vs_torch", "min_ratio_vs_torch", "bytes_per_s", "tflops", "traffic_path", "device_name",
     "cores", "torch", "triton",
 )  # fmt: skip
@@ -195,6 +195,8 @@ def summarize(raw: dict, skipped: list[dict], suite: str, quick: bool, command: 
         r["min_ratio_vs_torch"] = r["min_ms"] / b["min_ms"] if b else None
         r["paired_ratio_vs_torch"] = r.pop("paired_ratio", None)
         r["paired_ratio_vs_reference"] = r.pop("paired_ratio_ref", None)
+        r["paired_ratio_vs_rival"] = r.pop("paired_ratio_rival", None)
+        r["paired_ratio_vs_rival_quartiles"] = r.pop("paired_ratio_rival_q", None)
     created = raw.get("datetime") or datetime.datetime.now(datetime.timezone.utc).isoformat()
     return {"machine": machine, "date": created[:10], "created": created, "suite": suite, "quick": quick,
             "command": command, "records": records, "skipped": skipped}  # fmt: skip
@@ -202,7 +204,8 @@ def summarize(raw: dict, skipped: list[dict], suite: str, quick: bool, command: 
 
 def headline_lines(records: list[dict]) -> list[str]:
     """The depth-16 step ratios (NuP with statistics, and fused where it ran) to plain torch, per batch,
-    and each provider's ratio to its own reference (fused and drop-in to NuMLP + SGD, wrapper to its base)."""
+    each provider's ratio to its own reference (fused and drop-in to NuMLP + SGD, wrapper to its base), and
+    the fused step to drop-in, timed in pairs (the median and quartiles of the pairs' ratios)."""
     heads = [
         r for r in records
         if r["suite"] == "steps" and r.get("depth") == HEADLINE_DEPTH
@@ -224,6 +227,16 @@ def headline_lines(records: list[dict]) -> list[str]:
         + ("" if r.get("paired_ratio_vs_reference") is None else f"; paired {r['paired_ratio_vs_reference']:.3f}x")
         + ")"
         for r in sorted(refs, key=lambda r: (r["batch"], r["provider"]))
+    ]
+    rivals = [
+        r for r in records
+        if r["suite"] == "steps" and r.get("depth") == HEADLINE_DEPTH and r.get("paired_ratio_vs_rival") is not None
+    ]  # fmt: skip
+    lines += [
+        f"depth {HEADLINE_DEPTH}, batch {r['batch']}: {LABELS[r['provider']]} / {LABELS[r['rival']]} "
+        f"= paired {r['paired_ratio_vs_rival']:.3f}x (quartiles of the pairs "
+        f"{r['paired_ratio_vs_rival_quartiles'][0]:.3f}–{r['paired_ratio_vs_rival_quartiles'][1]:.3f})"
+        for r in sorted(rivals, key=lambda r: (r["batch"], r["provider"]))
     ]
     return lines
 

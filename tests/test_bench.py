@@ -34,6 +34,10 @@ def test_quick_run_writes_ratio_tables(tmp_path):
         if r["provider"] in ("nup_fused", "nup_dropin", "nup_wrapper_adam", "nup_wrapper_adam_fused"):
             assert r["ratio_vs_reference"] > 0 and r["reference"] in providers
             assert r["paired_ratio_vs_reference"] > 0  # timed in pairs with its own reference
+    for fused in [r for r in steps if r["provider"] == "nup_fused"]:  # in pairs with drop-in, its rival
+        q1, q3 = fused["paired_ratio_vs_rival_quartiles"]
+        assert fused["rival"] == "nup_dropin" and 0 < q1 <= fused["paired_ratio_vs_rival"] <= q3
+    assert all(r["paired_ratio_vs_rival"] is None for r in steps if r["provider"] != "nup_fused")
     launches = result["launches"]
     assert set(launches) >= {"plain_torch", "nup_dropin", "nup_fused", "nup_wrapper_adam"}, launches
     assert launches["nup_fused"]["per_layer"] <= 6 and launches["plain_torch"]["per_layer"] >= 1
@@ -55,6 +59,7 @@ def test_quick_run_writes_ratio_tables(tmp_path):
     assert "## Full training steps" in md and "## Kernels" in md and "(1.00×)" in md
     assert "## Launches on the CUDA code path" in md and "NuP(base=Adam) / NuMLP + torch Adam" in md
     assert "depth 16, batch 16: nup drop-in (NuP) / plain torch" in md
+    assert "depth 16, batch 16: nup fused / nup drop-in (NuP) = paired" in md
 
 
 def _bench(suite: str, case: str, provider: str, baseline: str, median: float, **extra) -> dict:
@@ -78,7 +83,8 @@ def test_summarize_divides_by_the_same_cases_baseline():
         "benchmarks": [
             _bench("steps", "a", "plain_torch", "plain_torch", 0.002, bytes=4e6, flops=1e9),
             _bench("steps", "a", "nup_dropin", "plain_torch", 0.005, bytes=4e6, flops=1e9, paired_ratio=2.4,
-                   reference="plain_torch", paired_ratio_ref=2.3),
+                   reference="plain_torch", paired_ratio_ref=2.3, rival="nup_fused", paired_ratio_rival=0.9,
+                   paired_ratio_rival_q=[0.8, 1.1]),
             _bench("steps", "b", "nup_dropin", "plain_torch", 0.001, bytes=None, flops=None),
             _bench("kernels", "a", "nup", "torch", 0.003, bytes=6e3, flops=None),
             _bench("kernels", "a", "torch", "torch", 0.001, bytes=6e3, flops=None),
@@ -91,6 +97,9 @@ def test_summarize_divides_by_the_same_cases_baseline():
     assert by["steps", "a", "nup_dropin"]["paired_ratio_vs_torch"] == 2.4
     assert by["steps", "a", "nup_dropin"]["paired_ratio_vs_reference"] == 2.3
     assert by["steps", "a", "nup_dropin"]["ratio_vs_reference"] == pytest.approx(2.5)
+    assert by["steps", "a", "nup_dropin"]["paired_ratio_vs_rival"] == 0.9
+    assert by["steps", "a", "nup_dropin"]["paired_ratio_vs_rival_quartiles"] == [0.8, 1.1]
+    assert by["steps", "b", "nup_dropin"]["paired_ratio_vs_rival"] is None
     assert by["steps", "a", "plain_torch"]["ratio_vs_torch"] == 1.0
     assert by["steps", "b", "nup_dropin"]["ratio_vs_torch"] is None  # its baseline did not run
     assert by["kernels", "a", "nup"]["ratio_vs_torch"] == pytest.approx(3.0)
