@@ -46,7 +46,8 @@ NATIVE_MAX_INPUT = 1 << 15
 its gradient backward); a larger one takes :class:`ScaledLinearAct` (α inside the GEMMs, no extra pass,
 but a Python autograd Function's host cost per layer). Measured at depth 16, batch 32, one thread,
 interleaved: NuMLP + SGD 1.06× plain torch this way, 1.09× with the Function; 1.04–1.05× once the
-activation ran in place and the backend check read the environment with one dict lookup."""
+activation ran in place and the backend check read the environment with one dict lookup; 1.03× with α
+kept as a tensor (:meth:`NuLinear.alpha_like`)."""
 
 
 class NuLinear(nn.Module):
@@ -90,7 +91,7 @@ class NuLinear(nn.Module):
         """α as a 0-dim tensor on ``h``'s device, in float64 for a float64 ``h`` and float32 otherwise.
 
         ``h.mul_(α)`` with a Python float turns α into a tensor and copies it to ``h``'s dtype on every
-        call, forward and backward (about 3% of a depth-16, batch-32 CPU step); this tensor is made once.
+        call, forward and backward (about 2% of a depth-16, batch-32 CPU step); this tensor is made once.
         The product is the same: a float ``h`` is scaled by α rounded to fp32 either way."""
         a, dtype = self._alpha_tensor, torch.float64 if h.dtype is torch.float64 else torch.float32
         if a.dtype is not dtype or a.device != h.device:
