@@ -282,6 +282,31 @@ def ntk_top_eigenvalue(
 
 
 # ----------------------------------------------------------------------------------------------
+# How alike the inputs look to the readout
+
+
+def pairwise_cosines(rows: Tensor) -> Tensor:
+    """The cosines between every two different rows of ``rows`` ``(k, n)``, k ≥ 2: a float64 ``(k(k−1)/2,)``
+    vector (upper triangle, row-major). A zero row has cosine 0 with every other."""
+    if rows.dim() != 2 or rows.shape[0] < 2:
+        raise ValueError(f"pairwise_cosines needs a (k, n) tensor with k >= 2 rows, got shape {tuple(rows.shape)}")
+    r = rows.detach().to(torch.float64)
+    unit = r / r.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    i, j = torch.triu_indices(r.shape[0], r.shape[0], offset=1, device=r.device)
+    return (unit @ unit.t())[i, j]
+
+
+def feature_cosine(model: nn.Module, x: Tensor) -> float:
+    """Mean cosine between the readout inputs ``φ(h_{L−1})`` of different rows of ``x`` ``(k, n_0)``.
+
+    ``model`` is a :class:`~nup.NuMLP` (its ``preactivations`` and ``activation``). 1 when every input
+    looks the same to the readout; compare :func:`nup.theory.feature_cosine_at_init`."""
+    with torch.no_grad():
+        hidden = model.preactivations(x)[-2]
+        return float(pairwise_cosines(model.activation(hidden)).mean())
+
+
+# ----------------------------------------------------------------------------------------------
 # Coordinate check (mup's, across depth or width)
 
 

@@ -15,11 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from nup.eoc import edge_of_chaos
+from nup.eoc import correlation_map, edge_of_chaos
 from nup.parameterization import LayerLayout, layer_layout, resolve_parameterization
 from nup_kernels.activations import get_activation
 
-__all__ = ["T", "T_hidden", "layout_of", "predicted_lr_ratio", "predicted_lr_slope", "rho"]
+__all__ = ["T", "T_hidden", "feature_cosine_at_init", "layout_of", "predicted_lr_ratio", "predicted_lr_slope",
+           "rho"]
 CONFIG_KEYS = ("parameterization", "width_schedule", "width_offset", "depth_normalizer", "activation", "max_width",
                "readout", "sigma_b2")
 
@@ -62,3 +63,25 @@ def predicted_lr_slope(depths: Sequence[int], m: int, **config: Any) -> float:
 def predicted_lr_ratio(depths: Sequence[int], m: int, **config: Any) -> float:
     """``η*(L_max)/η*(L_min) = T(L_min)/T(L_max)`` under ``η* ∝ 1/T(L)``."""
     return T(min(depths), m, **config) / T(max(depths), m, **config)
+
+
+MAP_GRID = 2001
+"""Points in [−1, 1] at which :func:`feature_cosine_at_init` evaluates the correlation map (linear in between)."""
+
+
+def feature_cosine_at_init(input_cosines: Sequence[float] | np.ndarray, depth: int, activation: str = "relu") -> float:
+    """Mean over input pairs of the cosine between their readout inputs ``φ(h_{L−1})`` at init, infinite width.
+
+    ``input_cosines``: the pairs' cosines ``cos(x_i, x_j)``, which are ``h_1``'s correlations (the first
+    layer is linear in x with i.i.d. weights). SPEC §1's EOC correlation map (σ_b = 0, where it is also
+    the cosine of ``φ(h)``) applied ``L − 1`` times gives each pair's cosine at the readout's input; a
+    deep ReLU net at the EOC sends every pair towards 1 (inputs look alike to the readout).
+    """
+    if depth < 2:
+        raise ValueError(f"depth must be >= 2, got {depth}")
+    grid = np.linspace(-1.0, 1.0, MAP_GRID)
+    mapped = np.asarray(correlation_map(activation, grid), dtype=np.float64)
+    c = np.clip(np.asarray(input_cosines, dtype=np.float64), -1.0, 1.0)
+    for _ in range(depth - 1):
+        c = np.interp(c, grid, mapped)
+    return float(c.mean())

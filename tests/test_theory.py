@@ -1,12 +1,23 @@
-"""nup.theory against SPEC §2's closed forms: T(L) per parameterization and the predicted η* slope."""
+"""nup.theory against SPEC §2's closed forms: T(L) per parameterization and the predicted η* slope; the readout
+inputs' cosine at init against the EOC correlation map."""
 
 import math
 
 import numpy as np
 import pytest
+import torch
 
 from nup import NuMLP
-from nup.theory import T, T_hidden, layout_of, predicted_lr_ratio, predicted_lr_slope, rho
+from nup.diagnostics import feature_cosine, pairwise_cosines
+from nup.theory import (
+    T,
+    T_hidden,
+    feature_cosine_at_init,
+    layout_of,
+    predicted_lr_ratio,
+    predicted_lr_slope,
+    rho,
+)
 
 
 def harmonic(n: int) -> float:
@@ -52,3 +63,39 @@ def test_bad_configuration_keys_and_depths_raise():
         T(4, 2, widht_offset=3)
     with pytest.raises(ValueError, match="two or more depths"):
         predicted_lr_slope([4], 2)
+
+
+def test_feature_cosine_at_init_is_the_relu_arc_cosine_map_iterated():
+    """Depth 2 is one application of ReLU's EOC map, (√(1−c²) + (π − arccos c)·c)/π; deeper nets push pairs to 1."""
+    cs = np.array([-0.9, -0.3, 0.0, 0.4, 0.95])
+    arc = (np.sqrt(1 - cs**2) + (np.pi - np.arccos(cs)) * cs) / np.pi
+    for c, want in zip(cs, arc):
+        assert feature_cosine_at_init([c], 2) == pytest.approx(want, abs=1e-5)
+    twice = (np.sqrt(1 - arc**2) + (np.pi - np.arccos(arc)) * arc) / np.pi
+    assert feature_cosine_at_init(cs, 3) == pytest.approx(twice.mean(), abs=1e-5)
+    by_depth = [feature_cosine_at_init(cs, d) for d in (2, 4, 8, 16, 32)]
+    assert all(a < b for a, b in zip(by_depth, by_depth[1:])) and 0.9 < by_depth[-1] < 1.0
+    with pytest.raises(ValueError, match="depth"):
+        feature_cosine_at_init(cs, 1)
+
+
+def test_feature_cosine_of_a_wide_net_at_init_matches_the_prediction():
+    """A wide NuMLP at init measures what the infinite-width map predicts, within its finite-width spread."""
+    torch.manual_seed(0)
+    x = torch.randn(48, 8) + 0.5  # inputs with positive mean cosines
+    predicted = feature_cosine_at_init(pairwise_cosines(x).numpy(), 6)
+    measured = [feature_cosine(NuMLP(8, 3, 6, 64), x) for _ in range(3)]  # widths 64·k², up to 1600
+    assert abs(np.mean(measured) - predicted) < 0.03, (measured, predicted)
+    assert predicted > float(pairwise_cosines(x).mean()) + 0.1  # the map moved the pairs towards 1
+
+
+def test_pairwise_cosines_against_each_pair_by_hand():
+    rows = torch.randn(5, 7, dtype=torch.float64)
+    rows[3] = 0.0  # a zero row: cosine 0 with every other
+    got = pairwise_cosines(rows)
+    want = [0.0 if 3 in (i, j) else float(torch.nn.functional.cosine_similarity(rows[i], rows[j], dim=0))
+            for i in range(5) for j in range(i + 1, 5)]
+    assert got.dtype == torch.float64 and got.tolist() == pytest.approx(want, abs=1e-12)
+    for bad in (torch.randn(1, 3), torch.randn(4)):
+        with pytest.raises(ValueError, match="k >= 2"):
+            pairwise_cosines(bad)

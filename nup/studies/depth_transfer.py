@@ -54,6 +54,8 @@ HORIZONS = (1, 2, 4)
 SCHEDULES = ("cosine", "constant")
 WINDOW = 0.2
 """The metric averages the minibatch loss over the last ``WINDOW`` of the steps up to a horizon."""
+PROBE = 256
+"""Train inputs on which each run records the readout inputs' mean cosine, at init and after T steps."""
 
 FLAGS = (
     Flag("depths", "ints", "depths L (comma-separated)"),
@@ -183,6 +185,7 @@ def train_one(cfg: Config, task: str, variant: str, depth: int, j: int, seed: in
     """One run of 4T NuP steps; returns its metric at each horizon (inf where the loss was not finite)."""
     from nup import NuMLP, NuP
     from nup.data import batches
+    from nup.diagnostics import feature_cosine
 
     x, y = load_task(cfg, task)
     lr = grid_lr(cfg, j)
@@ -195,6 +198,7 @@ def train_one(cfg: Config, task: str, variant: str, depth: int, j: int, seed: in
     opt = NuP(model.named_parameters(), lr=lr, schedule=schedule)
     stream = batches(x, y, cfg.batch_size, torch.Generator().manual_seed(seed))
     trace = torch.full((steps,), math.inf, device=x.device)
+    features = {"0": feature_cosine(model, x[:PROBE])}
     for t in range(steps):
         xb, yb = next(stream)
         loss = F.cross_entropy(model(xb), yb)
@@ -202,11 +206,14 @@ def train_one(cfg: Config, task: str, variant: str, depth: int, j: int, seed: in
         loss.backward()
         opt.step()
         trace[t] = loss.detach()
+        if t + 1 == cfg.horizon:
+            features[str(cfg.horizon)] = feature_cosine(model, x[:PROBE])
         if t % 25 == 24 and not bool(torch.isfinite(trace[t - 24: t + 1]).all()):  # one sync per 25 steps
             break
     values = trace.cpu().numpy()
     return {"task": task, "parameterization": variant, "depth": depth, "j": j, "lr": lr, "seed": seed,
             "metric": {str(h): finite_or_none(window_mean(values, h)) for h in horizons(cfg)},
+            "feature_cos": {k: finite_or_none(v) for k, v in features.items()},
             "diverged": not bool(np.isfinite(values).all()), "widths_capped": bool(model.capped),
             "max_hidden_width": max(model.widths[1:-1]), "time_s": round(time.perf_counter() - t0, 3)}
 
@@ -429,9 +436,42 @@ def analyse(cfg: Config, runs: dict, grids: dict, chance: dict[str, float]) -> d
                 fit["depths"] = fit_depths
                 fit["predicted_slope"] = predicted_lr_slope(fit_depths, m, **kwargs) if len(fit_depths) > 1 else None
                 per_h[str(h)] = {"by_depth": by_depth, "fit": fit}
-            per_variant[variant] = {"T": theory_t, "horizons": per_h}
-        out[task] = {"chance_loss": chance[task], "parameterizations": per_variant}
+            per_variant[variant] = {"T": theory_t, "horizons": per_h,
+                                    "features": features(cfg, runs, grids, (task, variant), chance[task] / 2)}
+        out[task] = {"chance_loss": chance[task], "parameterizations": per_variant,
+                     "feature_cos_predicted": predicted_features(cfg, task)}
     return out
+
+
+def predicted_features(cfg: Config, task: str) -> dict[str, float]:
+    """Per depth, the readout inputs' mean cosine at init on the probe at infinite width (EOC correlation map)."""
+    from nup.diagnostics import pairwise_cosines
+    from nup.theory import feature_cosine_at_init
+
+    cosines = pairwise_cosines(load_task(cfg, task)[0][:PROBE]).numpy()
+    return {str(d): feature_cosine_at_init(cosines, d, cfg.activation) for d in cfg.depths}
+
+
+def features(cfg: Config, runs: dict, grids: dict, chain: tuple, half: float) -> dict[str, Any] | None:
+    """Per depth, the runs' readout-input cosine at init, and after T steps split by whether the run trained
+    (metric at 4T ≤ ``half``) or stayed above half of chance; None for runs saved before it was recorded."""
+    out = {}
+    for depth in cfg.depths:
+        rs = [runs[(*chain, depth, j, cfg.seed + s)] for j in grids[(*chain, depth)] for s in range(cfg.seeds)]
+        if not all(r.get("feature_cos") for r in rs):
+            return None
+        longest, t = str(horizons(cfg)[-1]), str(cfg.horizon)
+        groups = {"trained": [r for r in rs if r["metric"][longest] is not None and r["metric"][longest] <= half]}
+        groups["stuck"] = [r for r in rs if r not in groups["trained"]]
+        out[str(depth)] = {"init": _mean([r["feature_cos"]["0"] for r in rs]),
+                           **{name: {"runs": len(g), "at_T": _mean([r["feature_cos"].get(t) for r in g])}
+                              for name, g in groups.items()}}
+    return out
+
+
+def _mean(values: list) -> float | None:
+    finite = [v for v in values if v is not None]
+    return float(np.mean(finite)) if finite else None
 
 
 def _plots(cfg: Config, analysis: dict, out: Path) -> list[str]:
@@ -563,6 +603,21 @@ def _readme(cfg: Config, analysis: dict, runs: dict, env: dict, figures: list[st
                              "lr, or left on a plateau. η* comes from the mean over seeds, so where such runs grow "
                              "in number with lr, η* follows how often they occur, not T(L) alone."),
                    Table(["parameterization", "depth", "lr: runs stuck"], rows)]
+        rows = [[variant, d, fmt(entry["feature_cos_predicted"][str(d)]), fmt(f["init"]),
+                 *(f"{fmt(f[g]['at_T'])} ({f[g]['runs']})" for g in ("trained", "stuck"))]
+                for variant, v in entry["parameterizations"].items() if v["features"]
+                for d in cfg.depths for f in (v["features"][str(d)],)]
+        if rows:
+            blocks += [Heading(f"{task}: how alike the inputs look to the readout"),
+                       Paragraph(f"The mean cosine between the readout inputs φ(h_{{L−1}}) of {PROBE} train inputs "
+                                 "(1: the readout sees one input), predicted at init for infinite width by the EOC "
+                                 "correlation map (SPEC §1) applied L − 1 times to the inputs' cosines, measured at "
+                                 f"init over all runs, and after T = {cfg.horizon} steps over the runs that trained "
+                                 f"(metric at H = {hs[-1]} at most half of chance) and those that did not; run "
+                                 "counts in brackets, over every lr of the grid."),
+                       Table(["parameterization", "depth", "predicted at init", "measured at init",
+                              f"after {cfg.horizon} steps, trained (runs)", f"after {cfg.horizon} steps, stuck (runs)"],
+                             rows)]
     blocks += [Figure(Path(name), name.removesuffix(".png").replace("_", " ")) for name in figures]
     return blocks
 
