@@ -202,41 +202,36 @@ def summarize(raw: dict, skipped: list[dict], suite: str, quick: bool, command: 
             "command": command, "records": records, "skipped": skipped}  # fmt: skip
 
 
+def _at_headline(records: list[dict], key: str) -> list[dict]:
+    """The depth-16 step records that have ``key``, by batch and provider."""
+    found = [r for r in records
+             if r["suite"] == "steps" and r.get("depth") == HEADLINE_DEPTH and r.get(key) is not None]
+    return sorted(found, key=lambda r: (r["batch"], r["provider"]))
+
+
 def headline_lines(records: list[dict]) -> list[str]:
     """The depth-16 step ratios (NuP with statistics, and fused where it ran) to plain torch, per batch,
     each provider's ratio to its own reference (fused and drop-in to NuMLP + SGD, wrapper to its base), and
     the fused step to drop-in, timed in pairs (the median and quartiles of the pairs' ratios)."""
-    heads = [
-        r for r in records
-        if r["suite"] == "steps" and r.get("depth") == HEADLINE_DEPTH
-        and r["provider"] in ("nup_dropin", "nup_fused") and r["ratio_vs_torch"] is not None
-    ]  # fmt: skip
+    head = f"depth {HEADLINE_DEPTH}, batch"
     lines = [
-        f"depth {HEADLINE_DEPTH}, batch {r['batch']}: {LABELS[r['provider']]} / plain torch "
+        f"{head} {r['batch']}: {LABELS[r['provider']]} / plain torch "
         f"= {r['ratio_vs_torch']:.3f}x (medians; paired {r['paired_ratio_vs_torch']:.3f}x; "
         f"fastest rounds {r['min_ratio_vs_torch']:.3f}x)"
-        for r in sorted(heads, key=lambda r: (r["batch"], r["provider"]))
+        for r in _at_headline(records, "ratio_vs_torch") if r["provider"] in ("nup_dropin", "nup_fused")
     ]
-    refs = [
-        r for r in records
-        if r["suite"] == "steps" and r.get("depth") == HEADLINE_DEPTH and r.get("ratio_vs_reference") is not None
-    ]  # fmt: skip
     lines += [
-        f"depth {HEADLINE_DEPTH}, batch {r['batch']}: {LABELS[r['provider']]} / {LABELS[r['reference']]} "
+        f"{head} {r['batch']}: {LABELS[r['provider']]} / {LABELS[r['reference']]} "
         f"= {r['ratio_vs_reference']:.3f}x (medians"
         + ("" if r.get("paired_ratio_vs_reference") is None else f"; paired {r['paired_ratio_vs_reference']:.3f}x")
         + ")"
-        for r in sorted(refs, key=lambda r: (r["batch"], r["provider"]))
+        for r in _at_headline(records, "ratio_vs_reference")
     ]
-    rivals = [
-        r for r in records
-        if r["suite"] == "steps" and r.get("depth") == HEADLINE_DEPTH and r.get("paired_ratio_vs_rival") is not None
-    ]  # fmt: skip
     lines += [
-        f"depth {HEADLINE_DEPTH}, batch {r['batch']}: {LABELS[r['provider']]} / {LABELS[r['rival']]} "
+        f"{head} {r['batch']}: {LABELS[r['provider']]} / {LABELS[r['rival']]} "
         f"= paired {r['paired_ratio_vs_rival']:.3f}x (quartiles of the pairs "
         f"{r['paired_ratio_vs_rival_quartiles'][0]:.3f}–{r['paired_ratio_vs_rival_quartiles'][1]:.3f})"
-        for r in sorted(rivals, key=lambda r: (r["batch"], r["provider"]))
+        for r in _at_headline(records, "paired_ratio_vs_rival")
     ]
     return lines
 
