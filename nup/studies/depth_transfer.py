@@ -10,6 +10,8 @@ grid (ratio √2) starts at the previous depth's optimum and is extended until t
 interior; η* is the vertex of a parabola in (log lr, log loss). A depth whose best loss is above
 half of chance is "not trained" and left out of the fits. The slope of log η* against log L
 comes with a bootstrap 95% interval over seeds, beside the slope SPEC §2 predicts, η* ∝ 1/T(L).
+Each run also records how alike its inputs look to the readout (the mean cosine of ``φ(h_{L−1})`` over
+:data:`PROBE` train inputs, at init and after T steps), beside the EOC correlation map's prediction at init.
 The runs are saved to ``results.json`` after every round; a rerun into the same folder with the
 same run settings reuses them (an interrupted study resumes; a narrower one re-analyses).
 """
@@ -455,14 +457,15 @@ def predicted_features(cfg: Config, task: str) -> dict[str, float]:
 def features(cfg: Config, runs: dict, grids: dict, chain: tuple, half: float) -> dict[str, Any] | None:
     """Per depth, the runs' readout-input cosine at init, and after T steps split by whether the run trained
     (metric at 4T ≤ ``half``) or stayed above half of chance; None for runs saved before it was recorded."""
+    longest, t = str(horizons(cfg)[-1]), str(cfg.horizon)
     out = {}
     for depth in cfg.depths:
         rs = [runs[(*chain, depth, j, cfg.seed + s)] for j in grids[(*chain, depth)] for s in range(cfg.seeds)]
         if not all(r.get("feature_cos") for r in rs):
             return None
-        longest, t = str(horizons(cfg)[-1]), str(cfg.horizon)
-        groups = {"trained": [r for r in rs if r["metric"][longest] is not None and r["metric"][longest] <= half]}
-        groups["stuck"] = [r for r in rs if r not in groups["trained"]]
+        trained = [r["metric"][longest] is not None and r["metric"][longest] <= half for r in rs]
+        groups = {"trained": [r for r, ok in zip(rs, trained) if ok],
+                  "stuck": [r for r, ok in zip(rs, trained) if not ok]}
         out[str(depth)] = {"init": _mean([r["feature_cos"]["0"] for r in rs]),
                            **{name: {"runs": len(g), "at_T": _mean([r["feature_cos"].get(t) for r in g])}
                               for name, g in groups.items()}}
