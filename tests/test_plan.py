@@ -11,18 +11,19 @@ from nup.plan import plan
 
 
 def _allocated(model: NuMLP, opt: NuP, x: torch.Tensor, y: torch.Tensor) -> dict[str, int]:
-    """Bytes of W, C / P₀, .grad, base state and saved activations (storages that are not parameters)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    """Bytes of W, C / P₀, .grad, base state and saved activations (storages that are not the model's own:
+    not a parameter, and not a layer's 0-dim α, which the multiply saves and every step reuses)."""
     saved = {}
 
     def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            saved[ptr] = t.untyped_storage().nbytes()
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model(x)
+    own = [*model.parameters(), *(layer._alpha_tensor for layer in model.layers)]
+    for t in own:
+        saved.pop(t.untyped_storage().data_ptr(), None)
     F.cross_entropy(out.float(), y).backward()
     grads = sum(p.grad.untyped_storage().nbytes() for p in model.parameters() if p.grad is not None)
     opt.step()
