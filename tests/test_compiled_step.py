@@ -1,5 +1,6 @@
 """The drop-in step has no data-dependent Python branch: torch.compile(opt.step, fullgraph=True) works
-after one eager step has made the state (made inside a graph, two zero vectors came back aliased)."""
+after one eager step has made the state (made inside a graph, two zero vectors came back aliased); the
+model's forward compiles with fullgraph=True too."""
 
 import copy
 
@@ -57,3 +58,16 @@ def test_compiling_the_first_step_is_refused_with_a_clear_error():
     nn.functional.cross_entropy(model(x), y).backward()
     with pytest.raises(Exception, match="run one eager opt.step"):
         torch.compile(opt.step, fullgraph=True)()
+
+
+def test_compiled_model_fullgraph_matches_eager():
+    """NuMLP's forward (α kept as a tensor, made again only for a new dtype or device) has no graph break:
+    torch.compile(model, fullgraph=True) gives eager's outputs and gradients."""
+    model, x, y = _setup()
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(twin, fullgraph=True)
+    for m in (model, compiled):
+        nn.functional.cross_entropy(m(x), y).backward()
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
