@@ -21,7 +21,7 @@ def _allocated(model: NuMLP, opt: NuP, x: torch.Tensor, y: torch.Tensor) -> dict
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model(x)
-    own = [*model.parameters(), *(layer._alpha_tensor for layer in model.layers)]
+    own = [*model.parameters(), *(layer.alpha_like(layer.weight) for layer in model.layers)]
     for t in own:
         saved.pop(t.untyped_storage().data_ptr(), None)
     F.cross_entropy(out.float(), y).backward()

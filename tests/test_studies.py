@@ -83,16 +83,13 @@ def test_depth_transfer_quick_values(quick):
                       if (r["task"], r["parameterization"], r["depth"]) == (task, variant, depth)}
             assert e["stuck"] == [sum(v is None or v > half for (jj, _), v in metric.items() if jj == j) for j in js]
         # the readout inputs' mean cosine: at init and after T steps in every run, split by trained / stuck
-        assert all(set(r["feature_cos"]) == {"0", str(cfg["horizon"])} for r in runs
-                   if (r["task"], r["parameterization"], r["depth"]) == (task, variant, depth))
+        mine = [r for r in runs if (r["task"], r["parameterization"], r["depth"]) == (task, variant, depth)]
+        finals = [r["metric"][str(results["horizons"][-1])] for r in mine]
+        assert all(set(r["feature_cos"]) == {"0", str(cfg["horizon"])} for r in mine)
         f = entry["features"][str(depth)]
-        assert f["trained"]["runs"] + f["stuck"]["runs"] == len(done)
-        assert f["stuck"]["runs"] == sum(r["metric"][str(results["horizons"][-1])] is None
-                                         or r["metric"][str(results["horizons"][-1])] > half for r in runs
-                                         if (r["task"], r["parameterization"], r["depth"]) == (task, variant, depth))
-        inits = [r["feature_cos"]["0"] for r in runs
-                 if (r["task"], r["parameterization"], r["depth"]) == (task, variant, depth)]
-        assert f["init"] == pytest.approx(sum(inits) / len(inits))
+        assert f["trained"]["runs"] + f["stuck"]["runs"] == len(done) == len(mine)
+        assert f["stuck"]["runs"] == sum(v is None or v > half for v in finals)
+        assert f["init"] == pytest.approx(sum(r["feature_cos"]["0"] for r in mine) / len(mine))
         assert 0 < results["analysis"][task]["feature_cos_predicted"][str(depth)] < 1
     readme = (out / "README.md").read_text(encoding="utf-8")
     assert "T(L) prediction" in readme and "95% CI" in readme and "runs left above half of chance" in readme
