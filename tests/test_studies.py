@@ -91,6 +91,21 @@ def test_depth_transfer_quick_values(quick):
         assert f["stuck"]["runs"] == sum(v is None or v > half for v in finals)
         assert f["init"] == pytest.approx(sum(r["feature_cos"]["0"] for r in mine) / len(mine))
         assert 0 < results["analysis"][task]["feature_cos_predicted"][str(depth)] < 1
+    drifts = 0
+    for entry in results["analysis"].values():  # the shared drift is the mean miss of the fitted slopes
+        for h in results["horizons"]:
+            d = entry["shared_drift"][str(h)]
+            fits = {v: e["horizons"][str(h)]["fit"] for v, e in entry["parameterizations"].items()}
+            fitted = [v for v, f in fits.items() if f["slope"] is not None]
+            if len(fitted) < 2:
+                assert d is None
+                continue
+            miss = {v: fits[v]["slope"] - fits[v]["predicted_slope"] for v in fitted}
+            assert d["parameterizations"] == fitted
+            assert d["drift"] == pytest.approx(sum(miss.values()) / len(miss))
+            assert all(d["beyond"][v]["value"] == pytest.approx(miss[v] - d["drift"]) for v in fitted)
+            drifts += 1
+    assert drifts  # the quick study fits two parameterizations at some horizon
     readme = (out / "README.md").read_text(encoding="utf-8")
     assert "T(L) prediction" in readme and "95% CI" in readme and "runs left above half of chance" in readme
     assert "how alike the inputs look to the readout" in readme
@@ -178,22 +193,68 @@ def test_optimal_lr_is_the_log_log_parabola_vertex():
     assert optimal_lr(lrs, [math.inf] * 7)["grid"] is None
 
 
+def _planted_curves(rng: np.random.Generator, depths: list[int], slope: float, n_seeds: int = 4):
+    """Per-depth lr grids and ``(n_seeds, n_lrs)`` losses whose η* falls like ``L**slope`` (2% seed noise)."""
+    lrs, per_seed = {}, {}
+    for d in depths:
+        eta = 0.5 * d**slope
+        lrs[d] = [eta * math.sqrt(2) ** j for j in range(-3, 4)]
+        clean = np.array([0.5 * math.log(lr / eta) ** 2 for lr in lrs[d]])
+        per_seed[d] = 0.3 * np.exp(clean + 0.02 * rng.standard_normal((n_seeds, len(lrs[d]))))
+    return lrs, per_seed
+
+
 def test_slope_ci_covers_a_planted_slope_and_excludes_zero():
     from nup.studies.lr_optimum import slope_with_ci
 
-    rng = np.random.default_rng(0)
     depths = [4, 8, 16, 32]
-    lrs, per_seed = {}, {}
-    for d in depths:
-        eta = 0.5 * d**-0.6
-        lrs[d] = [eta * math.sqrt(2) ** j for j in range(-3, 4)]
-        clean = np.array([0.5 * math.log(lr / eta) ** 2 for lr in lrs[d]])
-        per_seed[d] = 0.3 * np.exp(clean + 0.02 * rng.standard_normal((4, len(lrs[d]))))
+    lrs, per_seed = _planted_curves(np.random.default_rng(0), depths, -0.6)
     fit = slope_with_ci(depths, lrs, per_seed, n_boot=200)
     assert fit["slope"] == pytest.approx(-0.6, abs=0.05)
     lo, hi = fit["ci95"]
     assert lo <= fit["slope"] <= hi and hi < 0 and hi - lo < 0.2
     assert slope_with_ci([4], lrs, per_seed)["slope"] is None
+
+
+def test_shared_drift_separates_a_common_miss_from_each_parameterization():
+    """Three parameterizations whose slopes miss their predictions by a common −0.3 and by +0.2, 0, −0.2 of
+    their own: the shared drift is −0.3, what is left is +0.2, 0, −0.2, and the paired intervals cover them."""
+    from nup.studies.lr_optimum import bootstrap_slopes, shared_drift, slope_fit
+
+    rng = np.random.default_rng(1)
+    depths = [4, 8, 16, 32]
+    predicted = {"a": -1.0, "b": -0.5, "c": 0.0}
+    own = {"a": 0.2, "b": 0.0, "c": -0.2}
+    slopes, boots = {}, {}
+    for p in predicted:
+        lrs, per_seed = _planted_curves(rng, depths, predicted[p] - 0.3 + own[p])
+        fit, boots[p] = slope_fit(depths, lrs, per_seed, n_boot=200)
+        slopes[p] = fit["slope"]
+        assert np.array_equal(boots[p], bootstrap_slopes(depths, lrs, per_seed, n_boot=200), equal_nan=True)
+    d = shared_drift(slopes, predicted, boots)
+    assert d["drift"] == pytest.approx(-0.3, abs=0.03) and d["n_boot"] == 200
+    assert d["ci95"][0] <= d["drift"] <= d["ci95"][1] and d["ci95"][1] < -0.2
+    for p in predicted:
+        left = d["beyond"][p]
+        assert left["value"] == pytest.approx(own[p], abs=0.05)
+        assert left["ci95"][0] <= left["value"] <= left["ci95"][1]
+    assert d["beyond"]["a"]["ci95"][0] > 0 > d["beyond"]["c"]["ci95"][1]  # told apart from 0 at 2% noise
+
+
+def test_bootstrap_replicates_pair_up_across_parameterizations():
+    """With the same seed count, replicate b resamples the same seeds in every call: a curve set and its
+    copy shifted by a constant in log lr give the same replicate slopes, one for one."""
+    from nup.studies.lr_optimum import bootstrap_slopes
+
+    rng = np.random.default_rng(2)
+    depths = [4, 8, 16]
+    lrs, per_seed = _planted_curves(rng, depths, -0.5)
+    shifted = {d: [2 * lr for lr in lrs[d]] for d in depths}
+    a = bootstrap_slopes(depths, lrs, per_seed, n_boot=100)
+    b = bootstrap_slopes(depths, shifted, per_seed, n_boot=100)
+    assert np.allclose(a, b) and np.isfinite(a).all() and a.std() > 0
+    other = bootstrap_slopes(depths, lrs, per_seed, n_boot=100, seed=1)
+    assert not np.allclose(a, other)
 
 
 def test_coord_check_quick_values(quick):

@@ -46,7 +46,7 @@ from nup.studies._common import (
     save_figure,
     write_outputs,
 )
-from nup.studies.lr_optimum import optimal_lr, slope_with_ci
+from nup.studies.lr_optimum import optimal_lr, shared_drift, slope_fit
 from nup.studies.variants import VARIANTS
 
 TASKS = ("teacher", "digits")
@@ -413,7 +413,7 @@ def analyse(cfg: Config, runs: dict, grids: dict, chance: dict[str, float]) -> d
 
     out: dict[str, Any] = {}
     for task in cfg.tasks:
-        per_variant = {}
+        per_variant, boots = {}, {}
         for variant in cfg.parameterizations:
             m, kwargs = variant_config(cfg, variant)
             theory_t = {str(d): T(d, m, **kwargs) for d in cfg.depths}
@@ -432,17 +432,30 @@ def analyse(cfg: Config, runs: dict, grids: dict, chance: dict[str, float]) -> d
                     by_depth[str(depth)] = {"lrs": lrs, "losses": [finite_or_none(v) for v in seeds.mean(axis=0)],
                                             "optimum": opt, "trained": trained,
                                             "stuck": [int(k) for k in (seeds > half).sum(axis=0)]}  # inf: not finite
-                fit = slope_with_ci(fit_depths, {d: by_depth[str(d)]["lrs"] for d in fit_depths},
-                                    {d: curve(cfg, runs, (task, variant, d), grids[task, variant, d], h)
-                                     for d in fit_depths}, cfg.bootstrap, cfg.seed)
+                fit, boots[variant, h] = slope_fit(fit_depths, {d: by_depth[str(d)]["lrs"] for d in fit_depths},
+                                                   {d: curve(cfg, runs, (task, variant, d), grids[task, variant, d],
+                                                             h) for d in fit_depths}, cfg.bootstrap, cfg.seed)
                 fit["depths"] = fit_depths
                 fit["predicted_slope"] = predicted_lr_slope(fit_depths, m, **kwargs) if len(fit_depths) > 1 else None
                 per_h[str(h)] = {"by_depth": by_depth, "fit": fit}
             per_variant[variant] = {"T": theory_t, "horizons": per_h,
                                     "features": features(cfg, runs, grids, (task, variant), chance[task] / 2)}
         out[task] = {"chance_loss": chance[task], "parameterizations": per_variant,
+                     "shared_drift": {str(h): _drift(per_variant, boots, h) for h in horizons(cfg)},
                      "feature_cos_predicted": predicted_features(cfg, task)}
     return out
+
+
+def _drift(per_variant: dict[str, Any], boots: dict[tuple, np.ndarray], h: int) -> dict[str, Any] | None:
+    """:func:`~nup.studies.lr_optimum.shared_drift` at horizon ``h`` over the parameterizations with a fitted
+    slope (None below two)."""
+    fits = {v: e["horizons"][str(h)]["fit"] for v, e in per_variant.items()}
+    names = [v for v, f in fits.items() if f["slope"] is not None and f["predicted_slope"] is not None]
+    if len(names) < 2:
+        return None
+    return {"parameterizations": names, **shared_drift({v: fits[v]["slope"] for v in names},
+                                                       {v: fits[v]["predicted_slope"] for v in names},
+                                                       {v: boots[v, h] for v in names})}
 
 
 def predicted_features(cfg: Config, task: str) -> dict[str, float]:
@@ -585,6 +598,18 @@ def _readme(cfg: Config, analysis: dict, runs: dict, env: dict, figures: list[st
         blocks += [Heading(f"{task}: slope of log η* against log L"),
                    Table(["parameterization", "horizon", "measured slope", "95% CI", "T(L) prediction",
                           "depths fitted", "left out"], rows)]
+        drifts = {h: d for h in hs if (d := entry["shared_drift"][str(h)])}
+        if drifts:
+            names = list(entry["parameterizations"])
+            blocks += [Heading(f"{task}: what T(L) misses, shared by all parameterizations and left to each"),
+                       Paragraph("Shared drift: the mean over parameterizations of measured − predicted slope. Left "
+                                 "to each: its measured − predicted minus the shared drift; 0 where T(L) gets the "
+                                 "differences between parameterizations right. 95% intervals from the same seed "
+                                 "resamples for every parameterization."),
+                       Table(["horizon", "shared drift", *names],
+                             [[h, f"{_signed(d['drift'])} {_ci(d)}",
+                               *(f"{_signed(d['beyond'][v]['value'])} {_ci(d['beyond'][v])}" if v in d["beyond"]
+                                 else "n/a" for v in names)] for h, d in drifts.items()])]
         rows = []
         for variant, v in entry["parameterizations"].items():
             for d in cfg.depths:
