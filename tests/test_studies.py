@@ -219,7 +219,7 @@ def test_slope_ci_covers_a_planted_slope_and_excludes_zero():
 def test_shared_drift_separates_a_common_miss_from_each_parameterization():
     """Three parameterizations whose slopes miss their predictions by a common −0.3 and by +0.2, 0, −0.2 of
     their own: the shared drift is −0.3, what is left is +0.2, 0, −0.2, and the paired intervals cover them."""
-    from nup.studies.lr_optimum import bootstrap_slopes, shared_drift, slope_fit
+    from nup.studies.lr_optimum import shared_drift, slope_with_ci
 
     rng = np.random.default_rng(1)
     depths = [4, 8, 16, 32]
@@ -228,9 +228,8 @@ def test_shared_drift_separates_a_common_miss_from_each_parameterization():
     slopes, boots = {}, {}
     for p in predicted:
         lrs, per_seed = _planted_curves(rng, depths, predicted[p] - 0.3 + own[p])
-        fit, boots[p] = slope_fit(depths, lrs, per_seed, n_boot=200)
-        slopes[p] = fit["slope"]
-        assert np.array_equal(boots[p], bootstrap_slopes(depths, lrs, per_seed, n_boot=200), equal_nan=True)
+        fit = slope_with_ci(depths, lrs, per_seed, n_boot=200)
+        slopes[p], boots[p] = fit["slope"], fit["replicates"]
     d = shared_drift(slopes, predicted, boots)
     assert d["drift"] == pytest.approx(-0.3, abs=0.03) and d["n_boot"] == 200
     assert d["ci95"][0] <= d["drift"] <= d["ci95"][1] and d["ci95"][1] < -0.2
@@ -244,17 +243,16 @@ def test_shared_drift_separates_a_common_miss_from_each_parameterization():
 def test_bootstrap_replicates_pair_up_across_parameterizations():
     """With the same seed count, replicate b resamples the same seeds in every call: a curve set and its
     copy shifted by a constant in log lr give the same replicate slopes, one for one."""
-    from nup.studies.lr_optimum import bootstrap_slopes
+    from nup.studies.lr_optimum import slope_with_ci
 
-    rng = np.random.default_rng(2)
     depths = [4, 8, 16]
-    lrs, per_seed = _planted_curves(rng, depths, -0.5)
+    lrs, per_seed = _planted_curves(np.random.default_rng(2), depths, -0.5)
     shifted = {d: [2 * lr for lr in lrs[d]] for d in depths}
-    a = bootstrap_slopes(depths, lrs, per_seed, n_boot=100)
-    b = bootstrap_slopes(depths, shifted, per_seed, n_boot=100)
-    assert np.allclose(a, b) and np.isfinite(a).all() and a.std() > 0
-    other = bootstrap_slopes(depths, lrs, per_seed, n_boot=100, seed=1)
-    assert not np.allclose(a, other)
+    a = slope_with_ci(depths, lrs, per_seed, n_boot=100)["replicates"]
+    b = slope_with_ci(depths, shifted, per_seed, n_boot=100)["replicates"]
+    assert a.shape == (100,) and np.allclose(a, b) and np.isfinite(a).all() and a.std() > 0
+    assert not np.allclose(a, slope_with_ci(depths, lrs, per_seed, n_boot=100, seed=1)["replicates"])
+    assert slope_with_ci([4], lrs, per_seed)["replicates"].size == 0
 
 
 def test_coord_check_quick_values(quick):

@@ -46,7 +46,7 @@ from nup.studies._common import (
     save_figure,
     write_outputs,
 )
-from nup.studies.lr_optimum import optimal_lr, shared_drift, slope_fit
+from nup.studies.lr_optimum import optimal_lr, shared_drift, slope_with_ci
 from nup.studies.variants import VARIANTS
 
 TASKS = ("teacher", "digits")
@@ -432,9 +432,10 @@ def analyse(cfg: Config, runs: dict, grids: dict, chance: dict[str, float]) -> d
                     by_depth[str(depth)] = {"lrs": lrs, "losses": [finite_or_none(v) for v in seeds.mean(axis=0)],
                                             "optimum": opt, "trained": trained,
                                             "stuck": [int(k) for k in (seeds > half).sum(axis=0)]}  # inf: not finite
-                fit, boots[variant, h] = slope_fit(fit_depths, {d: by_depth[str(d)]["lrs"] for d in fit_depths},
-                                                   {d: curve(cfg, runs, (task, variant, d), grids[task, variant, d],
-                                                             h) for d in fit_depths}, cfg.bootstrap, cfg.seed)
+                fit = slope_with_ci(fit_depths, {d: by_depth[str(d)]["lrs"] for d in fit_depths},
+                                    {d: curve(cfg, runs, (task, variant, d), grids[task, variant, d], h)
+                                     for d in fit_depths}, cfg.bootstrap, cfg.seed)
+                boots[variant, h] = fit.pop("replicates")
                 fit["depths"] = fit_depths
                 fit["predicted_slope"] = predicted_lr_slope(fit_depths, m, **kwargs) if len(fit_depths) > 1 else None
                 per_h[str(h)] = {"by_depth": by_depth, "fit": fit}

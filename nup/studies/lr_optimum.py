@@ -46,29 +46,6 @@ def loglog_fit(xs: Sequence[float], ys: Sequence[float]) -> float:
     return float(np.polyfit(np.log(np.asarray(xs, dtype=np.float64)), np.log(np.asarray(ys, dtype=np.float64)), 1)[0])
 
 
-def bootstrap_slopes(
-    depths: Sequence[int],
-    lrs: dict[int, Sequence[float]],
-    per_seed: dict[int, np.ndarray],
-    n_boot: int = 1000,
-    seed: int = 0,
-) -> np.ndarray:
-    """``(n_boot,)`` slopes of ``log η*`` against ``log L``, one per resample of the seeds (NaN where some η* is
-    undefined); arguments as :func:`slope_with_ci`.
-
-    Replicate ``b`` draws the same seed indices in every call with the same ``seed`` and seed count, so the
-    replicates of two parameterizations run with the same seeds pair up (a joint bootstrap)."""
-    n_seeds = per_seed[depths[0]].shape[0]
-    rng = np.random.default_rng(seed)
-    out = np.full(n_boot, np.nan)
-    for b in range(n_boot):
-        pick = rng.integers(0, n_seeds, n_seeds)
-        e = [optimal_lr(lrs[d], per_seed[d][pick].mean(axis=0))["refined"] for d in depths]
-        if all(v is not None for v in e):
-            out[b] = loglog_fit(depths, e)
-    return out
-
-
 def _ci95(replicates: np.ndarray) -> list[float] | None:
     ok = replicates[np.isfinite(replicates)]
     return [float(np.percentile(ok, 2.5)), float(np.percentile(ok, 97.5))] if ok.size else None
@@ -87,32 +64,33 @@ def slope_with_ci(
     diverged), seeds in the same order at every depth. Each replicate draws ``n_seeds`` seed indices
     with replacement, averages each depth's curve over them and refits η* and the slope. Replicates
     in which some η* is undefined are dropped and counted.
+
+    ``"replicates"`` is the ``(n_boot,)`` array of replicate slopes, NaN where dropped (empty below two
+    depths; not JSON: pop it before saving). Replicate ``b`` draws the same seed indices in every call with
+    the same ``seed`` and seed count, so the replicates of two parameterizations run with the same seeds
+    pair up (a joint bootstrap, as :func:`shared_drift` needs).
     """
-    return slope_fit(depths, lrs, per_seed, n_boot, seed)[0]
-
-
-def slope_fit(
-    depths: Sequence[int],
-    lrs: dict[int, Sequence[float]],
-    per_seed: dict[int, np.ndarray],
-    n_boot: int = 1000,
-    seed: int = 0,
-) -> tuple[dict[str, Any], np.ndarray]:
-    """:func:`slope_with_ci`'s result and its :func:`bootstrap_slopes` replicates (empty below two depths)."""
     if len(depths) < 2:
-        return {"slope": None, "ci95": None, "n_boot": 0, "dropped": 0}, np.empty(0)
+        return {"slope": None, "ci95": None, "n_boot": 0, "dropped": 0, "replicates": np.empty(0)}
     etas = [optimal_lr(lrs[d], per_seed[d].mean(axis=0))["refined"] for d in depths]
-    boot = bootstrap_slopes(depths, lrs, per_seed, n_boot, seed)
+    n_seeds = per_seed[depths[0]].shape[0]
+    rng = np.random.default_rng(seed)
+    boot = np.full(n_boot, np.nan)
+    for b in range(n_boot):
+        pick = rng.integers(0, n_seeds, n_seeds)
+        e = [optimal_lr(lrs[d], per_seed[d][pick].mean(axis=0))["refined"] for d in depths]
+        if all(v is not None for v in e):
+            boot[b] = loglog_fit(depths, e)
     kept = int(np.isfinite(boot).sum())
-    fit = {"slope": loglog_fit(depths, etas), "ci95": _ci95(boot), "n_boot": kept, "dropped": n_boot - kept}
-    return fit, boot
+    return {"slope": loglog_fit(depths, etas), "ci95": _ci95(boot), "n_boot": kept, "dropped": n_boot - kept,
+            "replicates": boot}
 
 
 def shared_drift(slopes: dict[str, float], predicted: dict[str, float],
                  replicates: dict[str, np.ndarray]) -> dict[str, Any]:
     """How much of each measured slope the prediction misses in common, and what is left per parameterization.
 
-    ``slopes``, ``predicted`` and ``replicates`` (paired :func:`bootstrap_slopes`) per parameterization, two
+    ``slopes``, ``predicted`` and ``replicates`` (paired, from :func:`slope_with_ci`) per parameterization, two
     or more. The shared drift is the mean over parameterizations of measured − predicted; each
     parameterization's ``beyond`` is its own measured − predicted minus that mean: 0 when the prediction gets
     the differences between parameterizations right and misses only a drift common to all. The intervals
