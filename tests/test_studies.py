@@ -356,6 +356,23 @@ def test_index_links_every_study(quick):
         assert f"[{name}]({name}/README.md): " in text
 
 
+def test_index_gives_a_reanalysed_study_the_time_of_its_runs(quick, tmp_path):
+    import shutil
+
+    from nup.studies import write_index
+
+    results, out = quick("depth_transfer")
+    again = tmp_path / "depth_transfer"
+    shutil.copytree(out, again)
+    saved = json.loads((again / "results.json").read_text(encoding="utf-8"))
+    saved["runs_environment"]["wall_time_s"] = 4321.0  # the runs took long; a reanalysis takes seconds
+    (again / "results.json").write_text(json.dumps(saved), encoding="utf-8")
+    assert main(["study", "depth_transfer", "--quick", "--quiet", "--reanalyse", "yes", "--out", str(again)]) == 0
+    saved = json.loads((again / "results.json").read_text(encoding="utf-8"))
+    assert saved["runs_environment"]["wall_time_s"] == 4321.0 and saved["environment"]["wall_time_s"] < 4000
+    assert "(4321 s on " in write_index(tmp_path).read_text(encoding="utf-8")
+
+
 def test_index_also_links_a_committed_sweep_and_skips_other_folders(tmp_path):
     from nup.studies import write_index
 

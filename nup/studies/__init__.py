@@ -182,7 +182,7 @@ def write_index(root: str | Path) -> Path:
         path = root / name / "results.json"
         if path.is_file():
             results = json.loads(path.read_text(encoding="utf-8"))
-            env = results["environment"]
+            env = results.get("runs_environment") or results["environment"]  # a reanalysis keeps the runs' time
             lines.append(f"- [{name}]({name}/README.md): {_module(name).summary_line(results)} "
                          f"({env['wall_time_s']:.0f} s on {env['device']}, {env['torch_threads']} thread(s))")
     for sweep in sorted(d for d in root.iterdir() if (d / "sweep.json").is_file() and (d / "README.md").is_file()):
