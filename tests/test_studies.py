@@ -106,6 +106,10 @@ def test_depth_transfer_quick_values(quick):
             assert all(d["beyond"][v]["value"] == pytest.approx(miss[v] - d["drift"]) for v in fitted)
             drifts += 1
     assert drifts  # the quick study fits two parameterizations at some horizon
+    from nup.studies.depth_transfer import summary_line
+
+    drift = results["analysis"]["teacher"]["shared_drift"][str(results["horizons"][-1])]
+    assert ("teacher shared drift" in summary_line(results)) == (drift is not None)
     readme = (out / "README.md").read_text(encoding="utf-8")
     assert "T(L) prediction" in readme and "95% CI" in readme and "runs left above half of chance" in readme
     assert "how alike the inputs look to the readout" in readme

@@ -683,4 +683,6 @@ def summary_line(results: dict[str, Any]) -> str:
             fit = v["horizons"][h]["fit"]
             parts.append(f"{task} {variant}: slope {_signed(fit['slope'])} {_ci(fit)} "
                          f"(T(L) {_signed(fit['predicted_slope'])})")
+        if drift := entry.get("shared_drift", {}).get(h):
+            parts.append(f"{task} shared drift {_signed(drift['drift'])} {_ci(drift)}")
     return "; ".join(parts)
