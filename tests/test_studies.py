@@ -164,7 +164,7 @@ def test_depth_transfer_schedule_is_a_run_setting(quick, tmp_path, one_thread):
 def test_depth_transfer_extends_an_untrained_edge_optimum_at_the_longest_horizon():
     """A depth stuck above half of chance with its best lr at the grid's low edge gets a lower lr (it may
     train there); below the longest horizon an untrained curve does not extend the grid."""
-    from nup.studies.depth_transfer import Config, _extension, horizons
+    from nup.studies.depth_transfer import Config, grid_extension, horizons
 
     cfg = Config(seeds=1, lr_points=3, max_lr_points=6, horizon=10)
     chance = 1.0
@@ -177,9 +177,9 @@ def test_depth_transfer_extends_an_untrained_edge_optimum_at_the_longest_horizon
             runs[("teacher", "nup", 32, j, cfg.seed)] = {"metric": metric}
         return runs
 
-    assert _extension(cfg, runs_with({long: [0.8, 0.9, 0.95]}), ("teacher", "nup", 32), [0, 1, 2], chance) == [-1]
-    assert _extension(cfg, runs_with({short: [0.8, 0.9, 0.95]}), ("teacher", "nup", 32), [0, 1, 2], chance) == []
-    assert _extension(cfg, runs_with({short: [0.3, 0.2, 0.1]}), ("teacher", "nup", 32), [0, 1, 2], chance) == [3]
+    assert grid_extension(cfg, runs_with({long: [0.8, 0.9, 0.95]}), ("teacher", "nup", 32), [0, 1, 2], chance) == [-1]
+    assert grid_extension(cfg, runs_with({short: [0.8, 0.9, 0.95]}), ("teacher", "nup", 32), [0, 1, 2], chance) == []
+    assert grid_extension(cfg, runs_with({short: [0.3, 0.2, 0.1]}), ("teacher", "nup", 32), [0, 1, 2], chance) == [3]
 
 
 def test_optimal_lr_is_the_log_log_parabola_vertex():
@@ -435,7 +435,7 @@ def test_depth_transfer_chains_advance_on_their_own_largest_model_first(monkeypa
     """The scheduler: the runs waiting for a worker start largest model first, each chain's next depth
     starts at its own optimum (an lr three grid steps from where the chain began is reached by
     extension), and the grids end with η* interior."""
-    import nup.studies.depth_transfer as dt
+    from nup.studies.depth_transfer import runs as dt  # where run_grid finds train_one
 
     best = {"sp": 3, "nup": -2}  # each variant's optimal grid index, the same at every depth
     order = []
