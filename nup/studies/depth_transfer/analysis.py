@@ -7,9 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from nup.studies._common import (
-    finite_or_none,
-)
+from nup.studies._common import finite_or_none
 from nup.studies.depth_transfer.config import PROBE, Config, grid_lr, horizons, variant_config
 from nup.studies.depth_transfer.runs import curve, load_task
 from nup.studies.lr_optimum import optimal_lr, shared_drift, slope_with_ci

@@ -10,9 +10,7 @@ from typing import Any
 import numpy as np
 
 from nup.studies import variants
-from nup.studies._common import (
-    Flag,
-)
+from nup.studies._common import Flag
 from nup.studies.variants import VARIANTS
 
 TASKS = ("teacher", "digits")

@@ -9,11 +9,7 @@ from typing import Any
 import numpy as np
 
 from nup.report import Figure, Heading, Paragraph, Table
-from nup.studies._common import (
-    figure,
-    fmt,
-    save_figure,
-)
+from nup.studies._common import figure, fmt, save_figure
 from nup.studies.depth_transfer.config import PROBE, WINDOW, Config, horizons
 
 

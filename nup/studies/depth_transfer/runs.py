@@ -18,10 +18,7 @@ import torch.nn.functional as F
 
 from nup.io import write_json_atomic
 from nup.schedule import WarmupCosineSchedule
-from nup.studies._common import (
-    config_dict,
-    finite_or_none,
-)
+from nup.studies._common import config_dict, finite_or_none
 from nup.studies.depth_transfer.config import GRID_RATIO, PROBE, Config, grid_lr, horizons, variant_config, window_mean
 from nup.studies.lr_optimum import optimal_lr
 
