@@ -296,14 +296,22 @@ def pairwise_cosines(rows: Tensor) -> Tensor:
     return (unit @ unit.t())[i, j]
 
 
-def feature_cosine(model: nn.Module, x: Tensor) -> float:
-    """Mean cosine between the readout inputs ``φ(h_{L−1})`` of different rows of ``x`` ``(k, n_0)``.
+def readout_features(model: nn.Module, x: Tensor) -> dict[str, float]:
+    """How the readout sees the rows of ``x`` ``(k, n_0)``, k ≥ 2, through its inputs ``φ(h_{L−1})``.
 
-    ``model`` is a :class:`~nup.NuMLP` (its ``preactivations`` and ``activation``). 1 when every input
-    looks the same to the readout; compare :func:`nup.theory.feature_cosine_at_init`."""
+    ``model`` is a :class:`~nup.NuMLP` (its ``preactivations`` and ``activation``). Returns ``"cos"``, the
+    mean cosine between the readout inputs of different rows (1 when every input looks the same to the
+    readout; compare :func:`nup.theory.feature_cosine_at_init`), and ``"inactive"``, the fraction of the
+    readout's input units that are 0 on every row (units a ReLU has switched off for all these inputs; 0
+    for an activation that is 0 at a single point only, such as leaky ReLU)."""
     with torch.no_grad():
-        hidden = model.preactivations(x)[-2]
-        return float(pairwise_cosines(model.activation(hidden)).mean())
+        phi = model.activation(model.preactivations(x)[-2])
+        return {"cos": float(pairwise_cosines(phi).mean()), "inactive": float((phi == 0).all(dim=0).double().mean())}
+
+
+def feature_cosine(model: nn.Module, x: Tensor) -> float:
+    """:func:`readout_features`' mean cosine between the readout inputs of different rows of ``x``."""
+    return readout_features(model, x)["cos"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -85,11 +85,13 @@ def test_depth_transfer_quick_values(quick):
         # the readout inputs' mean cosine: at init and after T steps in every run, split by trained / stuck
         mine = [r for r in runs if (r["task"], r["parameterization"], r["depth"]) == (task, variant, depth)]
         finals = [r["metric"][str(results["horizons"][-1])] for r in mine]
-        assert all(set(r["feature_cos"]) == {"0", str(cfg["horizon"])} for r in mine)
+        assert all(set(r["feature_cos"]) == set(r["inactive"]) == {"0", str(cfg["horizon"])} for r in mine)
+        assert all(0 <= v <= 1 for r in mine for v in r["inactive"].values())
         f = entry["features"][str(depth)]
         assert f["trained"]["runs"] + f["stuck"]["runs"] == len(done) == len(mine)
         assert f["stuck"]["runs"] == sum(v is None or v > half for v in finals)
         assert f["init"] == pytest.approx(sum(r["feature_cos"]["0"] for r in mine) / len(mine))
+        assert f["inactive_init"] == pytest.approx(sum(r["inactive"]["0"] for r in mine) / len(mine))
         assert 0 < results["analysis"][task]["feature_cos_predicted"][str(depth)] < 1
     drifts = 0
     for entry in results["analysis"].values():  # the shared drift is the mean miss of the fitted slopes
@@ -112,7 +114,7 @@ def test_depth_transfer_quick_values(quick):
     assert ("teacher shared drift" in summary_line(results)) == (drift is not None)
     readme = (out / "README.md").read_text(encoding="utf-8")
     assert "T(L) prediction" in readme and "95% CI" in readme and "runs left above half of chance" in readme
-    assert "how alike the inputs look to the readout" in readme
+    assert "how alike the inputs look to the readout" in readme and "switched off for every probe input" in readme
 
 
 def test_depth_transfer_resumes_from_its_saved_runs(quick, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nup import NuMLP
-from nup.diagnostics import feature_cosine, pairwise_cosines
+from nup.diagnostics import feature_cosine, pairwise_cosines, readout_features
 from nup.theory import (
     T,
     T_hidden,
@@ -87,6 +87,25 @@ def test_feature_cosine_of_a_wide_net_at_init_matches_the_prediction():
     measured = [feature_cosine(NuMLP(8, 3, 6, 64), x) for _ in range(3)]  # widths 64·k², up to 1600
     assert abs(np.mean(measured) - predicted) < 0.03, (measured, predicted)
     assert predicted > float(pairwise_cosines(x).mean()) + 0.1  # the map moved the pairs towards 1
+
+
+def test_readout_features_count_units_switched_off_for_every_input():
+    """Readout inputs whose last hidden weights are all negative see a ReLU's 0 on every input (its inputs
+    φ(h_{L−2}) are ≥ 0): planting half the rows negative and half positive gives exactly 0.5; leaky ReLU
+    switches no unit off."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 8)
+    for activation, expected in (("relu", 0.5), ("leaky_relu:0.5", 0.0)):
+        model = NuMLP(8, 3, 4, 16, activation=activation)
+        w = model.layers[-2].weight
+        with torch.no_grad():
+            w.abs_()
+            w[: w.shape[0] // 2].neg_()
+        if activation == "relu":  # the positive half is on for every input whose h_{L−2} is not all off
+            assert (model.activation(model.preactivations(x)[-3]) > 0).any(dim=1).all()
+        got = readout_features(model, x)
+        assert got["inactive"] == expected
+        assert got["cos"] == feature_cosine(model, x)
 
 
 def test_pairwise_cosines_against_each_pair_by_hand():

@@ -75,8 +75,9 @@ def predicted_features(cfg: Config, task: str) -> dict[str, float]:
 
 
 def features(cfg: Config, runs: dict, grids: dict, chain: tuple, half: float) -> dict[str, Any] | None:
-    """Per depth, the runs' readout-input cosine at init, and after T steps split by whether the run trained
-    (metric at 4T ≤ ``half``) or stayed above half of chance; None for runs saved before it was recorded."""
+    """Per depth, the runs' readout-input cosine and inactive fraction at init, and after T steps split by
+    whether the run trained (metric at 4T ≤ ``half``) or stayed above half of chance; None for runs saved
+    before the cosine was recorded (the inactive fractions None for runs saved before they were)."""
     longest, t = str(horizons(cfg)[-1]), str(cfg.horizon)
     out = {}
     for depth in cfg.depths:
@@ -87,7 +88,9 @@ def features(cfg: Config, runs: dict, grids: dict, chain: tuple, half: float) ->
         groups = {"trained": [r for r, ok in zip(rs, trained) if ok],
                   "stuck": [r for r, ok in zip(rs, trained) if not ok]}
         out[str(depth)] = {"init": _mean([r["feature_cos"]["0"] for r in rs]),
-                           **{name: {"runs": len(g), "at_T": _mean([r["feature_cos"].get(t) for r in g])}
+                           "inactive_init": _mean([r.get("inactive", {}).get("0") for r in rs]),
+                           **{name: {"runs": len(g), "at_T": _mean([r["feature_cos"].get(t) for r in g]),
+                                     "inactive_at_T": _mean([r.get("inactive", {}).get(t) for r in g])}
                               for name, g in groups.items()}}
     return out
 

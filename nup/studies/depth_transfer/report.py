@@ -169,6 +169,17 @@ def readme(cfg: Config, analysis: dict, runs: dict, env: dict, figures: list[str
                        Table(["parameterization", "depth", "predicted at init", "measured at init",
                               f"after {cfg.horizon} steps, trained (runs)", f"after {cfg.horizon} steps, stuck (runs)"],
                              rows)]
+        rows = [[variant, d, fmt(f["inactive_init"]), *(fmt(f[g]["inactive_at_T"]) for g in ("trained", "stuck"))]
+                for variant, v in entry["parameterizations"].items() if v["features"]
+                for d in cfg.depths for f in (v["features"][str(d)],)]
+        if any(r[2] != fmt(None) for r in rows):
+            blocks += [Heading(f"{task}: readout inputs switched off for every probe input"),
+                       Paragraph(f"The fraction of the readout's input units φ(h_{{L−1}}) that are 0 on all {PROBE} "
+                                 "probe inputs (a ReLU unit switched off for all of them), at init over all runs, "
+                                 f"and after T = {cfg.horizon} steps over the runs that trained and those that did "
+                                 "not (the same runs as above)."),
+                       Table(["parameterization", "depth", "at init", f"after {cfg.horizon} steps, trained",
+                              f"after {cfg.horizon} steps, stuck"], rows)]
     blocks += [Figure(Path(name), name.removesuffix(".png").replace("_", " ")) for name in figures]
     return blocks
 

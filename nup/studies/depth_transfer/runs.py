@@ -53,7 +53,7 @@ def train_one(cfg: Config, task: str, variant: str, depth: int, j: int, seed: in
     """One run of 4T NuP steps; returns its metric at each horizon (inf where the loss was not finite)."""
     from nup import NuMLP, NuP
     from nup.data import batches
-    from nup.diagnostics import feature_cosine
+    from nup.diagnostics import readout_features
 
     x, y = load_task(cfg, task)
     lr = grid_lr(cfg, j)
@@ -66,7 +66,7 @@ def train_one(cfg: Config, task: str, variant: str, depth: int, j: int, seed: in
     opt = NuP(model.named_parameters(), lr=lr, schedule=schedule)
     stream = batches(x, y, cfg.batch_size, torch.Generator().manual_seed(seed))
     trace = torch.full((steps,), math.inf, device=x.device)
-    features = {"0": feature_cosine(model, x[:PROBE])}
+    features = {"0": readout_features(model, x[:PROBE])}
     for t in range(steps):
         xb, yb = next(stream)
         loss = F.cross_entropy(model(xb), yb)
@@ -75,13 +75,14 @@ def train_one(cfg: Config, task: str, variant: str, depth: int, j: int, seed: in
         opt.step()
         trace[t] = loss.detach()
         if t + 1 == cfg.horizon:
-            features[str(cfg.horizon)] = feature_cosine(model, x[:PROBE])
+            features[str(cfg.horizon)] = readout_features(model, x[:PROBE])
         if t % 25 == 24 and not bool(torch.isfinite(trace[t - 24: t + 1]).all()):  # one sync per 25 steps
             break
     values = trace.cpu().numpy()
     return {"task": task, "parameterization": variant, "depth": depth, "j": j, "lr": lr, "seed": seed,
             "metric": {str(h): finite_or_none(window_mean(values, h)) for h in horizons(cfg)},
-            "feature_cos": {k: finite_or_none(v) for k, v in features.items()},
+            "feature_cos": {k: finite_or_none(v["cos"]) for k, v in features.items()},
+            "inactive": {k: v["inactive"] for k, v in features.items()},
             "diverged": not bool(np.isfinite(values).all()), "widths_capped": bool(model.capped),
             "max_hidden_width": max(model.widths[1:-1]), "time_s": round(time.perf_counter() - t0, 3)}
 
