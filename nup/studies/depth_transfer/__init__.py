@@ -9,11 +9,16 @@ the first H steps (one run gives all three horizons). Each depth's lr
 grid (ratio √2) starts at the previous depth's optimum and is extended until the optimum is
 interior; η* is the vertex of a parabola in (log lr, log loss). A depth whose best loss is above
 half of chance is "not trained" and left out of the fits. The slope of log η* against log L
-comes with a bootstrap 95% interval over seeds, beside the slope SPEC §2 predicts, η* ∝ 1/T(L).
-Each run also records how alike its inputs look to the readout (the mean cosine of ``φ(h_{L−1})`` over
-:data:`PROBE` train inputs, at init and after T steps), beside the EOC correlation map's prediction at init.
+comes with a bootstrap 95% interval over seeds, beside the slope SPEC §2 predicts, η* ∝ 1/T(L); what
+the prediction misses is split into a drift shared by all parameterizations and what is left to each.
+Each run also records how its inputs look to the readout (the mean cosine of ``φ(h_{L−1})`` over
+:data:`PROBE` train inputs and the fraction of its units 0 on all of them, at init and after T steps),
+beside the EOC correlation map's prediction of the cosine at init.
 The runs are saved to ``results.json`` after every round; a rerun into the same folder with the
 same run settings reuses them (an interrupted study resumes; a narrower one re-analyses).
+
+Modules: :mod:`.config` (settings), :mod:`.runs` (data, one run, the grid of runs), :mod:`.analysis`
+(η*, slopes, the shared drift, readout features) and :mod:`.report` (README, figures, summary line).
 """
 
 from __future__ import annotations
