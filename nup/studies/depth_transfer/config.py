@@ -21,7 +21,8 @@ SCHEDULES = ("cosine", "constant")
 WINDOW = 0.2
 """The metric averages the minibatch loss over the last ``WINDOW`` of the steps up to a horizon."""
 PROBE = 256
-"""Train inputs on which each run records the readout inputs' mean cosine, at init and after T steps."""
+"""Train inputs on which each run records its readout inputs' mean cosine and inactive fraction, at init and
+after T steps."""
 
 FLAGS = (
     Flag("depths", "ints", "depths L (comma-separated)"),
@@ -81,6 +82,7 @@ QUICK = {"depths": (3, 6), "tasks": ("teacher",), "horizon": 10, "lr_points": 3,
 
 
 def check(cfg: Config) -> None:
+    """Raise ValueError, saying what to change, for settings the study cannot run with."""
     if not cfg.depths or min(cfg.depths) < 3 or list(cfg.depths) != sorted(set(cfg.depths)):
         raise ValueError(f"depths must be increasing integers >= 3, got {cfg.depths}")
     for name, values, known in (("parameterization", cfg.parameterizations, VARIANTS), ("task", cfg.tasks, TASKS),
