@@ -309,11 +309,6 @@ def readout_features(model: nn.Module, x: Tensor) -> dict[str, float]:
         return {"cos": float(pairwise_cosines(phi).mean()), "inactive": float((phi == 0).all(dim=0).double().mean())}
 
 
-def feature_cosine(model: nn.Module, x: Tensor) -> float:
-    """:func:`readout_features`' mean cosine between the readout inputs of different rows of ``x``."""
-    return readout_features(model, x)["cos"]
-
-
 # ----------------------------------------------------------------------------------------------
 # Coordinate check (mup's, across depth or width)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nup import NuMLP
-from nup.diagnostics import feature_cosine, pairwise_cosines, readout_features
+from nup.diagnostics import pairwise_cosines, readout_features
 from nup.theory import (
     T,
     T_hidden,
@@ -84,7 +84,7 @@ def test_feature_cosine_of_a_wide_net_at_init_matches_the_prediction():
     torch.manual_seed(0)
     x = torch.randn(48, 8) + 0.5  # inputs with positive mean cosines
     predicted = feature_cosine_at_init(pairwise_cosines(x).numpy(), 6)
-    measured = [feature_cosine(NuMLP(8, 3, 6, 64), x) for _ in range(3)]  # widths 64·k², up to 1600
+    measured = [readout_features(NuMLP(8, 3, 6, 64), x)["cos"] for _ in range(3)]  # widths 64·k², up to 1600
     assert abs(np.mean(measured) - predicted) < 0.03, (measured, predicted)
     assert predicted > float(pairwise_cosines(x).mean()) + 0.1  # the map moved the pairs towards 1
 
@@ -105,7 +105,8 @@ def test_readout_features_count_units_switched_off_for_every_input():
             assert (model.activation(model.preactivations(x)[-3]) > 0).any(dim=1).all()
         got = readout_features(model, x)
         assert got["inactive"] == expected
-        assert got["cos"] == feature_cosine(model, x)
+        phi = model.activation(model.preactivations(x)[-2]).detach()
+        assert got["cos"] == pytest.approx(float(pairwise_cosines(phi).mean()), rel=1e-12)
 
 
 def test_pairwise_cosines_against_each_pair_by_hand():

@@ -154,10 +154,11 @@ def readme(cfg: Config, analysis: dict, runs: dict, env: dict, figures: list[str
                              "lr, or left on a plateau. η* comes from the mean over seeds, so where such runs grow "
                              "in number with lr, η* follows how often they occur, not T(L) alone."),
                    Table(["parameterization", "depth", "lr: runs stuck"], rows)]
+        recorded = [(variant, d, v["features"][str(d)]) for variant, v in entry["parameterizations"].items()
+                    if v["features"] for d in cfg.depths]
         rows = [[variant, d, fmt(entry["feature_cos_predicted"][str(d)]), fmt(f["init"]),
                  *(f"{fmt(f[g]['at_T'])} ({f[g]['runs']})" for g in ("trained", "stuck"))]
-                for variant, v in entry["parameterizations"].items() if v["features"]
-                for d in cfg.depths for f in (v["features"][str(d)],)]
+                for variant, d, f in recorded]
         if rows:
             blocks += [Heading(f"{task}: how alike the inputs look to the readout"),
                        Paragraph(f"The mean cosine between the readout inputs φ(h_{{L−1}}) of {PROBE} train inputs "
@@ -169,10 +170,9 @@ def readme(cfg: Config, analysis: dict, runs: dict, env: dict, figures: list[str
                        Table(["parameterization", "depth", "predicted at init", "measured at init",
                               f"after {cfg.horizon} steps, trained (runs)", f"after {cfg.horizon} steps, stuck (runs)"],
                              rows)]
-        rows = [[variant, d, fmt(f["inactive_init"]), *(fmt(f[g]["inactive_at_T"]) for g in ("trained", "stuck"))]
-                for variant, v in entry["parameterizations"].items() if v["features"]
-                for d in cfg.depths for f in (v["features"][str(d)],)]
-        if any(r[2] != fmt(None) for r in rows):
+        if any(f["inactive_init"] is not None for _, _, f in recorded):  # runs saved before it have none
+            rows = [[variant, d, fmt(f["inactive_init"]), *(fmt(f[g]["inactive_at_T"]) for g in ("trained", "stuck"))]
+                    for variant, d, f in recorded]
             blocks += [Heading(f"{task}: readout inputs switched off for every probe input"),
                        Paragraph(f"The fraction of the readout's input units φ(h_{{L−1}}) that are 0 on all {PROBE} "
                                  "probe inputs (a ReLU unit switched off for all of them), at init over all runs, "
