@@ -1,4 +1,5 @@
-"""Diagnostics for studies (SPEC §5): sharpness, the NTK's top eigenvalue, and the coordinate check.
+"""Diagnostics for studies (SPEC §5): sharpness, the NTK's top eigenvalue, how the readout sees its inputs,
+each layer's minibatch step efficiency, and the coordinate check.
 
 Conventions.
 - ``loss_fn(model, batch) -> 0-dim Tensor``; for the coordinate check ``batch = (x, y)``.
@@ -307,6 +308,27 @@ def readout_features(model: nn.Module, x: Tensor) -> dict[str, float]:
     with torch.no_grad():
         phi = model.activation(model.preactivations(x)[-2])
         return {"cos": float(pairwise_cosines(phi).mean()), "inactive": float((phi == 0).all(dim=0).double().mean())}
+
+
+def step_efficiency(model: nn.Module, x: Tensor, y: Tensor,
+                    loss: Callable[[Tensor, Tensor], Tensor] = torch.nn.functional.cross_entropy) -> list[float]:
+    """``[e_1, …, e_{L−1}]`` measured: layer k's move under a normalized step along its own gradient on the
+    batch ``(x, y)``, over the rank-one move ``η·ρ_k``, with every other layer held.
+
+    ``e_k = ‖α_k·X_k·Gᵀ‖·√n_k/(‖G‖·‖h_k‖)`` for ``G = ∂loss(model(x), y)/∂W_k`` and ``X_k`` (B, n_{k−1}) the
+    layer's inputs; 1 at batch size 1. ``model`` is a :class:`~nup.NuMLP`; nothing is changed. Predicted at
+    init by :func:`nup.theory.batch_efficiency_at_init`.
+    """
+    layers = list(model.layers)[:-1]
+    grads = torch.autograd.grad(loss(model(x), y), [layer.weight for layer in layers])
+    with torch.no_grad():
+        out, inputs = [], x
+        for layer, g in zip(layers, grads):
+            h = layer.preactivation(inputs)
+            move = (layer.alpha * (inputs @ g.t())).norm() * math.sqrt(g.shape[0])
+            out.append(float(move / (g.norm() * h.norm())))
+            inputs = layer.activation(h)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

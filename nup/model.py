@@ -137,8 +137,10 @@ class NuMLP(nn.Module):
         sigma_b2: ``σ_b²`` of the EOC point (0 for the ``a·s + b·|s|`` family).
         c_out: readout multiplier.
         width_offset: ``k0 ≥ 0``; hidden widths are the schedule at ``k + k0`` (``m·(k + k0)²``).
-        depth_normalizer: ``"none"`` or ``"harmonic"`` (every hidden ``s_P`` divided by
-            ``T_hidden(L) = Σ_{k=2}^{L−1} ρ_k``, so the hidden block moves like one layer at any depth).
+        depth_normalizer: ``"none"``, ``"harmonic"`` (every hidden ``s_P`` divided by
+            ``T_hidden(L) = Σ_{k=2}^{L−1} ρ_k``, so the hidden block moves like one layer at any depth) or a
+            positive number to divide them by (:func:`nup.theory.effective_divisor` makes the hidden
+            block's minibatch move that of one layer).
     """
 
     def __init__(
@@ -156,7 +158,7 @@ class NuMLP(nn.Module):
         sigma_b2: float = 0.0,
         c_out: float = 1.0,
         width_offset: int = 0,
-        depth_normalizer: str = "none",
+        depth_normalizer: str | float = "none",
     ) -> None:
         super().__init__()
         for name, value, low in (

@@ -172,6 +172,15 @@ def bias_scale_of(weight_info: ParamInfo, weight_s: float, sigma_b: float, q_sta
 
 
 DEPTH_NORMALIZERS = ("none", "harmonic")
+"""Named depth normalizers; a positive number is also one (every hidden ``s_P`` divided by it)."""
+
+
+def check_depth_normalizer(value: object) -> None:
+    """Raise ValueError unless ``value`` is a named depth normalizer or a positive finite number."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (value in DEPTH_NORMALIZERS if isinstance(value, str) else number and math.isfinite(value) and value > 0):
+        raise ValueError(f"unknown depth_normalizer {value!r}; choose one of {DEPTH_NORMALIZERS} or a positive number "
+                         "(every hidden update scale divided by it, e.g. nup.theory.effective_divisor)")
 
 
 def layer_rho(widths: list[int], scales: list[float]) -> list[float]:
@@ -189,7 +198,8 @@ class LayerLayout:
     scales: list[float]
     capped: bool
     hidden_divisor: float
-    """What every hidden ``s_P`` was divided by: ``T_hidden(L)`` under the harmonic normalizer, else 1."""
+    """What every hidden ``s_P`` was divided by: ``T_hidden(L)`` under the harmonic normalizer, the number
+    given as one, else 1."""
 
     @property
     def rho(self) -> list[float]:
@@ -205,18 +215,18 @@ def layer_layout(
     sigma_w: float,
     readout: str = "mup",
     width_offset: int = 0,
-    depth_normalizer: str = "none",
+    depth_normalizer: str | float = "none",
     max_width: int | None = None,
 ) -> LayerLayout:
     """Widths and weight scales of a depth-``L`` network (what NuMLP builds, with no allocation).
 
     ``width_offset`` k0 gives ``n_k = schedule(k + k0)`` (``m·(k + k0)²`` under quadratic);
-    ``depth_normalizer="harmonic"`` divides every hidden ``s_P`` by ``T_hidden(L) = Σ_{k=2}^{L−1} ρ_k``.
+    ``depth_normalizer="harmonic"`` divides every hidden ``s_P`` by ``T_hidden(L) = Σ_{k=2}^{L−1} ρ_k``, and a
+    positive number divides them by that number.
     """
     if not isinstance(width_offset, int) or isinstance(width_offset, bool) or width_offset < 0:
         raise ValueError(f"width_offset must be an integer >= 0, got {width_offset!r}")
-    if depth_normalizer not in DEPTH_NORMALIZERS:
-        raise ValueError(f"unknown depth_normalizer {depth_normalizer!r}; choose one of {DEPTH_NORMALIZERS}")
+    check_depth_normalizer(depth_normalizer)
     hidden = param.hidden_widths(depth, width_offset)
     if any(n < 1 for n in hidden):
         raise ValueError(f"the width schedule gave non-positive widths {hidden}")
@@ -231,5 +241,8 @@ def layer_layout(
     divisor = 1.0
     if depth_normalizer == "harmonic" and depth > 2:
         divisor = sum(layer_rho(widths, scales)[1:])
+    elif not isinstance(depth_normalizer, str):
+        divisor = float(depth_normalizer)
+    if divisor != 1.0:
         scales = [s / divisor if role == "hidden" else s for s, role in zip(scales, roles)]
     return LayerLayout(widths, roles, infos, scales, capped, divisor)

@@ -93,28 +93,65 @@ def test_depth_transfer_quick_values(quick):
         assert f["init"] == pytest.approx(sum(r["feature_cos"]["0"] for r in mine) / len(mine))
         assert f["inactive_init"] == pytest.approx(sum(r["inactive"]["0"] for r in mine) / len(mine))
         assert 0 < results["analysis"][task]["feature_cos_predicted"][str(depth)] < 1
-    drifts = 0
-    for entry in results["analysis"].values():  # the shared drift is the mean miss of the fitted slopes
-        for h in results["horizons"]:
-            d = entry["shared_drift"][str(h)]
-            fits = {v: e["horizons"][str(h)]["fit"] for v, e in entry["parameterizations"].items()}
-            fitted = [v for v, f in fits.items() if f["slope"] is not None]
-            if len(fitted) < 2:
-                assert d is None
-                continue
-            miss = {v: fits[v]["slope"] - fits[v]["predicted_slope"] for v in fitted}
-            assert d["parameterizations"] == fitted
-            assert d["drift"] == pytest.approx(sum(miss.values()) / len(miss))
-            assert all(d["beyond"][v]["value"] == pytest.approx(miss[v] - d["drift"]) for v in fitted)
-            drifts += 1
-    assert drifts  # the quick study fits two parameterizations at some horizon
+    assert _checked_drifts(results) > 0  # the quick study fits two parameterizations at some horizon
     from nup.studies.depth_transfer import summary_line
 
     drift = results["analysis"]["teacher"]["shared_drift"][str(results["horizons"][-1])]
     assert ("teacher shared drift" in summary_line(results)) == (drift is not None)
     readme = (out / "README.md").read_text(encoding="utf-8")
     assert "T(L) prediction" in readme and "95% CI" in readme and "runs left above half of chance" in readme
+    assert "T_e(L) prediction" in readme and "what T_e(L) misses" in readme
     assert "how alike the inputs look to the readout" in readme and "switched off for every probe input" in readme
+
+
+def _checked_drifts(results: dict) -> int:
+    """Check every shared drift, against T(L) and against T_e(L), is the mean miss of the fitted slopes;
+    returns how many there were."""
+    drifts = 0
+    for entry in results["analysis"].values():
+        for key, predicted in (("shared_drift", "predicted_slope"), ("shared_drift_effective",
+                                                                      "predicted_slope_effective")):
+            for h in results["horizons"]:
+                d = entry[key][str(h)]
+                fits = {v: e["horizons"][str(h)]["fit"] for v, e in entry["parameterizations"].items()}
+                fitted = [v for v, f in fits.items() if f["slope"] is not None]
+                if len(fitted) < 2:
+                    assert d is None
+                    continue
+                miss = {v: fits[v]["slope"] - fits[v][predicted] for v in fitted}
+                assert d["parameterizations"] == fitted
+                assert d["drift"] == pytest.approx(sum(miss.values()) / len(miss))
+                assert all(d["beyond"][v]["value"] == pytest.approx(miss[v] - d["drift"]) for v in fitted)
+                drifts += 1
+    return drifts
+
+
+def test_depth_transfer_adds_the_effective_normalizer_to_finished_runs(quick, tmp_path):
+    """Adding nup_effective to a finished study reuses its runs; nup_effective's T_e(L) is e_1 + 1 at every
+    depth (its divisor is the hidden block's T_e), and every T_e is below T (batch steps move less)."""
+    import shutil
+
+    from nup.studies.depth_transfer.runs import probe_cosines
+    from nup.theory import batch_efficiency_at_init
+
+    results, out = quick("depth_transfer")
+    more = tmp_path / "more"
+    shutil.copytree(out, more)
+    names = [*results["config"]["parameterizations"], "nup_effective"]
+    assert main(["study", "depth_transfer", "--quick", "--quiet", "--threads", "1", "--parameterizations",
+                 ",".join(names), "--out", str(more)]) == 0
+    added = json.loads((more / "results.json").read_text(encoding="utf-8"))
+    assert [r for r in added["runs"] if r["parameterization"] != "nup_effective"] == results["runs"]
+    assert {r["parameterization"] for r in added["runs"]} == set(names)
+    from nup.studies.depth_transfer import QUICK, Config
+
+    cfg = Config(**QUICK)
+    entry = added["analysis"]["teacher"]["parameterizations"]
+    e1 = batch_efficiency_at_init(probe_cosines(cfg, "teacher"), 3, cfg.batch_size)[0]
+    assert all(t == pytest.approx(e1 + 1) for t in entry["nup_effective"]["T_effective"].values())
+    assert entry["nup_effective"]["T"] != entry["nup_harmonic"]["T"]
+    assert all(v["T_effective"][d] < v["T"][d] for v in entry.values() for d in v["T"])
+    assert _checked_drifts(added) > 0
 
 
 def test_depth_transfer_resumes_from_its_saved_runs(quick, tmp_path):

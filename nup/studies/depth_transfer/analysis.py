@@ -1,5 +1,6 @@
-"""The depth-transfer study's analysis: each depth's η*, the fitted slope against the T(L) prediction,
-the drift the prediction misses in common, and the readout-input cosines."""
+"""The depth-transfer study's analysis: each depth's η*, the fitted slope against the T(L) prediction and
+the T_e(L) one (each layer's move scaled by its batch efficiency at init), the drift each prediction misses
+in common, and the readout-input cosines."""
 
 from __future__ import annotations
 
@@ -8,21 +9,23 @@ from typing import Any
 import numpy as np
 
 from nup.studies._common import finite_or_none
-from nup.studies.depth_transfer.config import PROBE, Config, grid_lr, horizons, variant_config
-from nup.studies.depth_transfer.runs import curve, load_task
+from nup.studies.depth_transfer.config import Config, grid_lr, horizons
+from nup.studies.depth_transfer.runs import curve, model_config, probe_cosines
 from nup.studies.lr_optimum import optimal_lr, shared_drift, slope_with_ci
 
 
 def analyse(cfg: Config, runs: dict, grids: dict, chance: dict[str, float]) -> dict[str, Any]:
     """Per task, parameterization and horizon: each depth's curve and η*, and the fitted and predicted slopes."""
-    from nup.theory import T, predicted_lr_slope
+    from nup.theory import T, T_effective, lr_slope
 
     out: dict[str, Any] = {}
     for task in cfg.tasks:
         per_variant, boots = {}, {}
+        cosines = probe_cosines(cfg, task)
         for variant in cfg.parameterizations:
-            m, kwargs = variant_config(cfg, variant)
-            theory_t = {str(d): T(d, m, **kwargs) for d in cfg.depths}
+            configs = {d: model_config(cfg, task, variant, d) for d in cfg.depths}
+            theory_t = {str(d): T(d, m, **kw) for d, (m, kw) in configs.items()}
+            theory_te = {str(d): T_effective(d, m, cosines, cfg.batch_size, **kw) for d, (m, kw) in configs.items()}
             per_h = {}
             for h in horizons(cfg):
                 by_depth, fit_depths = {}, []
@@ -43,34 +46,36 @@ def analyse(cfg: Config, runs: dict, grids: dict, chance: dict[str, float]) -> d
                                      for d in fit_depths}, cfg.bootstrap, cfg.seed)
                 boots[variant, h] = fit.pop("replicates")
                 fit["depths"] = fit_depths
-                fit["predicted_slope"] = predicted_lr_slope(fit_depths, m, **kwargs) if len(fit_depths) > 1 else None
+                for key, sums in (("predicted_slope", theory_t), ("predicted_slope_effective", theory_te)):
+                    fit[key] = lr_slope(fit_depths, [sums[str(d)] for d in fit_depths]) if len(fit_depths) > 1 else None
                 per_h[str(h)] = {"by_depth": by_depth, "fit": fit}
-            per_variant[variant] = {"T": theory_t, "horizons": per_h,
+            per_variant[variant] = {"T": theory_t, "T_effective": theory_te, "horizons": per_h,
                                     "features": features(cfg, runs, grids, (task, variant), chance[task] / 2)}
         out[task] = {"chance_loss": chance[task], "parameterizations": per_variant,
-                     "shared_drift": {str(h): _drift(per_variant, boots, h) for h in horizons(cfg)},
+                     "shared_drift": {str(h): _drift(per_variant, boots, h, "predicted_slope") for h in horizons(cfg)},
+                     "shared_drift_effective": {str(h): _drift(per_variant, boots, h, "predicted_slope_effective")
+                                                for h in horizons(cfg)},
                      "feature_cos_predicted": predicted_features(cfg, task)}
     return out
 
 
-def _drift(per_variant: dict[str, Any], boots: dict[tuple, np.ndarray], h: int) -> dict[str, Any] | None:
-    """:func:`~nup.studies.lr_optimum.shared_drift` at horizon ``h`` over the parameterizations with a fitted
-    slope (None below two)."""
+def _drift(per_variant: dict[str, Any], boots: dict[tuple, np.ndarray], h: int, key: str) -> dict[str, Any] | None:
+    """:func:`~nup.studies.lr_optimum.shared_drift` at horizon ``h`` against the prediction ``fit[key]``, over
+    the parameterizations with a fitted slope (None below two)."""
     fits = {v: e["horizons"][str(h)]["fit"] for v, e in per_variant.items()}
-    names = [v for v, f in fits.items() if f["slope"] is not None and f["predicted_slope"] is not None]
+    names = [v for v, f in fits.items() if f["slope"] is not None and f[key] is not None]
     if len(names) < 2:
         return None
     return {"parameterizations": names, **shared_drift({v: fits[v]["slope"] for v in names},
-                                                       {v: fits[v]["predicted_slope"] for v in names},
+                                                       {v: fits[v][key] for v in names},
                                                        {v: boots[v, h] for v in names})}
 
 
 def predicted_features(cfg: Config, task: str) -> dict[str, float]:
     """Per depth, the readout inputs' mean cosine at init on the probe at infinite width (EOC correlation map)."""
-    from nup.diagnostics import pairwise_cosines
     from nup.theory import feature_cosine_at_init
 
-    cosines = pairwise_cosines(load_task(cfg, task)[0][:PROBE]).numpy()
+    cosines = probe_cosines(cfg, task)
     return {str(d): feature_cosine_at_init(cosines, d, cfg.activation) for d in cfg.depths}
 
 

@@ -52,10 +52,8 @@ def write_figures(cfg: Config, analysis: dict, out: Path) -> list[str]:
                     ax.plot(*zip(*pts), "o", mfc="white", color=f"C{i}", ms=6)
                 if fitted:
                     ax.plot(*zip(*fitted), "o-", color=f"C{i}", label=f"{variant} ({fmt(e['fit']['slope'], 2)})")
-                    # SPEC's prediction η* ∝ 1/T(L), through the fitted points' geometric mean
-                    inv = np.array([1 / v["T"][str(d)] for d, _ in fitted])
-                    c = math.exp(np.mean(np.log([eta for _, eta in fitted]) - np.log(inv)))
-                    ax.plot([d for d, _ in fitted], c * inv, "--", color=f"C{i}", lw=0.9)
+                    for key, style in (("T", "--"), ("T_effective", ":")):  # η* ∝ 1/T(L) and 1/T_e(L)
+                        ax.plot([d for d, _ in fitted], _through(fitted, v[key]), style, color=f"C{i}", lw=0.9)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log", base=2)
             ax.set_xlabel("depth L")
@@ -63,9 +61,16 @@ def write_figures(cfg: Config, analysis: dict, out: Path) -> list[str]:
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize="x-small")
         axes[0].set_ylabel("η*")
-        fig.suptitle(f"{task}: η* against depth (dashed: SPEC's η* ∝ 1/T(L); hollow: left out of the fit)")
+        fig.suptitle(f"{task}: η* against depth (dashed: SPEC's η* ∝ 1/T(L); dotted: η* ∝ 1/T_e(L); hollow: left "
+                     "out of the fit)")
         names.append(save_figure(fig, out / f"optimal_lr_{task}.png"))
     return names
+
+
+def _through(fitted: list[tuple[int, float]], move_sums: dict[str, float]) -> np.ndarray:
+    """``c/move_sum(L)`` at the fitted depths, with ``c`` putting it through the fitted η*'s geometric mean."""
+    inv = np.array([1 / move_sums[str(d)] for d, _ in fitted])
+    return math.exp(np.mean(np.log([eta for _, eta in fitted]) - np.log(inv))) * inv
 
 
 def _ci(fit: dict) -> str:
@@ -85,6 +90,35 @@ WHY_COSINE = (
     "floor; the optimum is then set by how far the first steps may move the output, which is what SPEC's "
     "T(L) predicts. The metric at T and "
     "2T is taken before the decay ends; the headline is at 4T.")
+
+
+EFFECTIVE_TEXT = (
+    "Prediction with batch efficiency: T(L) counts each layer's move as a rank-one step's. A normalized step "
+    "along a minibatch gradient of {batch} inputs moves layer k by e_k·η·ρ_k, e_k² = 1/B + (1 − 1/B)·mean cos² of "
+    "the layer's inputs (backward signals taken orthogonal), and the EOC map makes deep inputs alike, so e_k "
+    "rises from about 0.3–0.4 at layer 1 towards 1 (nup.theory.batch_efficiency_at_init, from the cosines of "
+    "{probe} train inputs; nup.diagnostics.step_efficiency measures it). T_e(L) = Σ_{{k<L}} e_k·ρ_k then grows "
+    "faster with depth than T(L), and η* ∝ 1/T_e(L) predicts a steeper slope for every parameterization. "
+    "nup_effective divides the hidden scales by Σ_{{k≥2}} e_k·ρ_k (nup.theory.effective_divisor), which makes "
+    "T_e(L), not T(L), flat.")
+
+
+def _drift_blocks(task: str, entry: dict, hs: list[int], key: str, name: str) -> list:
+    """The shared-drift table against one prediction (``entry[key]``, ``name`` in the text); none if no horizon
+    has one."""
+    drifts = {h: d for h in hs if (d := entry.get(key, {}).get(str(h)))}
+    if not drifts:
+        return []
+    names = list(entry["parameterizations"])
+    return [Heading(f"{task}: what {name} misses, shared by all parameterizations and left to each"),
+            Paragraph(f"Shared drift: the mean over parameterizations of measured − {name}-predicted slope. Left "
+                      f"to each: its measured − predicted minus the shared drift; 0 where {name} gets the "
+                      "differences between parameterizations right. 95% intervals from the same seed "
+                      "resamples for every parameterization."),
+            Table(["horizon", "shared drift", *names],
+                  [[h, f"{_signed(d['drift'])} {_ci(d)}",
+                    *(f"{_signed(d['beyond'][v]['value'])} {_ci(d['beyond'][v])}" if v in d["beyond"]
+                      else "n/a" for v in names)] for h, d in drifts.items()])]
 
 
 def readme(cfg: Config, analysis: dict, runs: dict, env: dict, figures: list[str]) -> list:
@@ -109,6 +143,7 @@ def readme(cfg: Config, analysis: dict, runs: dict, env: dict, figures: list[str
         *([Paragraph(WHY_COSINE)] if cfg.schedule == "cosine" else []),
         Paragraph("Prediction (SPEC §2): one step moves the output by about η·T(L), T(L) = Σ_{k<L} ρ_k, so "
                   "η* ∝ 1/T(L); the predicted slope is the least-squares slope of −log T(L) over the fitted depths."),
+        Paragraph(EFFECTIVE_TEXT.format(batch=cfg.batch_size, probe=PROBE)),
     ]
     for task, entry in analysis.items():
         rows = []
@@ -117,26 +152,17 @@ def readme(cfg: Config, analysis: dict, runs: dict, env: dict, figures: list[str
                 fit = v["horizons"][str(h)]["fit"]
                 excluded = [d for d in cfg.depths if d not in fit["depths"]]
                 rows.append([variant, h, _signed(fit["slope"]), _ci(fit), _signed(fit["predicted_slope"]),
-                             ", ".join(map(str, fit["depths"])) or "none", ", ".join(map(str, excluded)) or "none"])
+                             _signed(fit["predicted_slope_effective"]), ", ".join(map(str, fit["depths"])) or "none",
+                             ", ".join(map(str, excluded)) or "none"])
         blocks += [Heading(f"{task}: slope of log η* against log L"),
                    Table(["parameterization", "horizon", "measured slope", "95% CI", "T(L) prediction",
-                          "depths fitted", "left out"], rows)]
-        drifts = {h: d for h in hs if (d := entry["shared_drift"][str(h)])}
-        if drifts:
-            names = list(entry["parameterizations"])
-            blocks += [Heading(f"{task}: what T(L) misses, shared by all parameterizations and left to each"),
-                       Paragraph("Shared drift: the mean over parameterizations of measured − predicted slope. Left "
-                                 "to each: its measured − predicted minus the shared drift; 0 where T(L) gets the "
-                                 "differences between parameterizations right. 95% intervals from the same seed "
-                                 "resamples for every parameterization."),
-                       Table(["horizon", "shared drift", *names],
-                             [[h, f"{_signed(d['drift'])} {_ci(d)}",
-                               *(f"{_signed(d['beyond'][v]['value'])} {_ci(d['beyond'][v])}" if v in d["beyond"]
-                                 else "n/a" for v in names)] for h, d in drifts.items()])]
+                          "T_e(L) prediction", "depths fitted", "left out"], rows)]
+        blocks += _drift_blocks(task, entry, hs, "shared_drift", "T(L)")
+        blocks += _drift_blocks(task, entry, hs, "shared_drift_effective", "T_e(L)")
         rows = []
         for variant, v in entry["parameterizations"].items():
             for d in cfg.depths:
-                cells = [variant, d, fmt(v["T"][str(d)])]
+                cells = [variant, d, fmt(v["T"][str(d)]), fmt(v["T_effective"][str(d)])]
                 for h in hs:
                     e = v["horizons"][str(h)]["by_depth"][str(d)]
                     o = e["optimum"]
@@ -145,7 +171,7 @@ def readme(cfg: Config, analysis: dict, runs: dict, env: dict, figures: list[str
                     cells.append(f"{fmt(o['refined'])} @ {fmt(o['loss'])}{note}")
                 rows.append(cells)
         blocks += [Heading(f"{task}: η* @ best loss per depth (chance {entry['chance_loss']:.3f})"),
-                   Table(["parameterization", "depth", "T(L)", *[f"H = {h}" for h in hs]], rows)]
+                   Table(["parameterization", "depth", "T(L)", "T_e(L)", *[f"H = {h}" for h in hs]], rows)]
         rows = [[variant, d, ", ".join(f"{fmt(lr)}: {k}" for lr, k in zip(e["lrs"], e["stuck"]))]
                 for variant, v in entry["parameterizations"].items() for d in cfg.depths
                 for e in (v["horizons"][str(hs[-1])]["by_depth"][str(d)],)]
@@ -191,8 +217,9 @@ def summary_line(results: dict[str, Any]) -> str:
     for task, entry in results["analysis"].items():
         for variant, v in entry["parameterizations"].items():
             fit = v["horizons"][h]["fit"]
-            parts.append(f"{task} {variant}: slope {_signed(fit['slope'])} {_ci(fit)} "
-                         f"(T(L) {_signed(fit['predicted_slope'])})")
-        if drift := entry.get("shared_drift", {}).get(h):
-            parts.append(f"{task} shared drift {_signed(drift['drift'])} {_ci(drift)}")
+            parts.append(f"{task} {variant}: slope {_signed(fit['slope'])} {_ci(fit)} (T(L) "
+                         f"{_signed(fit['predicted_slope'])}, T_e(L) {_signed(fit['predicted_slope_effective'])})")
+        for key, name in (("shared_drift", "T(L)"), ("shared_drift_effective", "T_e(L)")):
+            if drift := entry.get(key, {}).get(h):
+                parts.append(f"{task} shared drift from {name} {_signed(drift['drift'])} {_ci(drift)}")
     return "; ".join(parts)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from nup.io import write_json_atomic
 from nup.schedule import WarmupCosineSchedule
+from nup.studies import variants
 from nup.studies._common import config_dict, finite_or_none
 from nup.studies.depth_transfer.config import GRID_RATIO, PROBE, Config, grid_lr, horizons, variant_config, window_mean
 from nup.studies.lr_optimum import optimal_lr
@@ -42,6 +43,20 @@ def load_task(cfg: Config, task: str) -> tuple[torch.Tensor, torch.Tensor]:
     return _DATA[key]
 
 
+def probe_cosines(cfg: Config, task: str) -> np.ndarray:
+    """The pairwise cosines of the task's first :data:`PROBE` train inputs (float64, ``PROBE·(PROBE − 1)/2``)."""
+    from nup.diagnostics import pairwise_cosines
+
+    return pairwise_cosines(load_task(cfg, task)[0][:PROBE]).cpu().numpy()
+
+
+def model_config(cfg: Config, task: str, variant: str, depth: int) -> tuple[int, dict[str, Any]]:
+    """``(m, NuMLP keywords)`` of a parameterization at one depth of a task (``nup_effective``'s divisor is
+    computed from the task's probe inputs at the study's batch size)."""
+    m, kwargs = variant_config(cfg, variant)
+    return m, variants.at_depth(kwargs, depth, m, probe_cosines(cfg, task), cfg.batch_size)
+
+
 def chance_loss(y: torch.Tensor) -> float:
     """Cross-entropy of the best constant prediction: the entropy of the label frequencies."""
     p = torch.bincount(y).double() / y.numel()
@@ -57,7 +72,7 @@ def train_one(cfg: Config, task: str, variant: str, depth: int, j: int, seed: in
 
     x, y = load_task(cfg, task)
     lr = grid_lr(cfg, j)
-    m, kwargs = variant_config(cfg, variant)
+    m, kwargs = model_config(cfg, task, variant, depth)
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     model = NuMLP(x.shape[1], int(y.max()) + 1, depth, m, **kwargs).to(x.device)
@@ -266,8 +281,8 @@ def _model_sizes(cfg: Config, data: dict[str, tuple[torch.Tensor, torch.Tensor]]
     sizes = {}
     for task, (x, y) in data.items():
         for variant in cfg.parameterizations:
-            m, kwargs = variant_config(cfg, variant)
             for depth in cfg.depths:
+                m, kwargs = model_config(cfg, task, variant, depth)
                 with torch.device("meta"):
                     model = NuMLP(x.shape[1], int(y.max()) + 1, depth, m, **kwargs)
                 sizes[task, variant, depth] = sum(p.numel() for p in model.parameters())
