@@ -39,7 +39,7 @@ from nup.studies._common import (
     save_figure,
     write_outputs,
 )
-from nup.studies.variants import VARIANTS, variant_config
+from nup.studies.variants import VARIANTS, at_depth, variant_config
 
 FLAT = 0.15
 """|slope| at or below which a curve counts as flat in depth (a factor ≤ 1.37 over 4 → 32)."""
@@ -123,6 +123,7 @@ def run(cfg: Config, out: str | Path, progress: bool = True) -> dict[str, Any]:
 
     from nup import NuMLP
     from nup.data import load_digits_split
+    from nup.diagnostics import pairwise_cosines
 
     if len(cfg.depths) < 2 or min(cfg.depths) < 3:
         raise ValueError(f"depths needs two or more integers >= 3, got {cfg.depths}")
@@ -136,11 +137,13 @@ def run(cfg: Config, out: str | Path, progress: bool = True) -> dict[str, Any]:
     device = torch.device(cfg.device)
     x_all, y_all, _, _ = load_digits_split(seed=0, device=device)
     x, y = x_all[: cfg.batch_size], y_all[: cfg.batch_size]
+    cosines = pairwise_cosines(x).cpu().numpy()  # for nup_effective's divisor
     results: dict[str, dict[str, Any]] = {}
     jobs = [(lr, v, d) for lr in cfg.lrs for v in cfg.parameterizations for d in cfg.depths]
     for lr, variant, depth in tqdm(jobs, desc="coord_check", unit="config", disable=None if progress else True,
                                    leave=False):
         m, kwargs = variant_config(variant, cfg.m, cfg.sp_width, cfg.width_offset, cfg.activation, cfg.max_width)
+        kwargs = at_depth(kwargs, depth, m, cosines, cfg.batch_size)
         per_seed = []
         for s in range(cfg.seeds):
             torch.manual_seed(cfg.seed + s)

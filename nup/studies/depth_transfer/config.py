@@ -26,7 +26,8 @@ after T steps."""
 
 FLAGS = (
     Flag("depths", "ints", "depths L (comma-separated)"),
-    Flag("parameterizations", "strs", "among sp, sp_inv_depth, nup (offset widths), nup_harmonic (comma-separated)"),
+    Flag("parameterizations", "strs",
+         "among sp, sp_inv_depth, nup (offset widths), nup_harmonic, nup_effective (comma-separated)"),
     Flag("tasks", "strs", "tasks among teacher, digits (comma-separated)"),
     Flag("horizon", "int", "horizon T in steps; runs last 4T, metrics at T, 2T and 4T"),
     Flag("lr_centre", "float", "centre of the first depth's lr grid (later depths start at the previous optimum)"),
