@@ -142,6 +142,8 @@ def test_depth_transfer_adds_the_effective_normalizer_to_finished_runs(quick, tm
                  ",".join(names), "--out", str(more)]) == 0
     added = json.loads((more / "results.json").read_text(encoding="utf-8"))
     assert [r for r in added["runs"] if r["parameterization"] != "nup_effective"] == results["runs"]
+    assert added["runs_environment"]["runs_reused"] == len(results["runs"])
+    assert f"{len(results['runs'])} reused from the folder's saved runs" in (more / "README.md").read_text("utf-8")
     assert {r["parameterization"] for r in added["runs"]} == set(names)
     from nup.studies.depth_transfer import QUICK, Config
 

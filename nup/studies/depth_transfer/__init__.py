@@ -9,8 +9,11 @@ the first H steps (one run gives all three horizons). Each depth's lr
 grid (ratio √2) starts at the previous depth's optimum and is extended until the optimum is
 interior; η* is the vertex of a parabola in (log lr, log loss). A depth whose best loss is above
 half of chance is "not trained" and left out of the fits. The slope of log η* against log L
-comes with a bootstrap 95% interval over seeds, beside the slope SPEC §2 predicts, η* ∝ 1/T(L); what
-the prediction misses is split into a drift shared by all parameterizations and what is left to each.
+comes with a bootstrap 95% interval over seeds, beside the slope SPEC §2 predicts, η* ∝ 1/T(L), and the
+one with each layer's move scaled by its minibatch efficiency at init, η* ∝ 1/T_e(L) (:mod:`nup.theory`);
+what each prediction misses is split into a drift shared by all parameterizations and what is left to
+each. ``nup_effective`` (νP with the hidden scales divided by their T_e share) is a fifth parameterization,
+not in the default.
 Each run also records how its inputs look to the readout (the mean cosine of ``φ(h_{L−1})`` over
 :data:`PROBE` train inputs and the fraction of its units 0 on all of them, at init and after T steps),
 beside the EOC correlation map's prediction of the cosine at init.
@@ -48,11 +51,13 @@ def run(cfg: Config, out: str | Path, progress: bool = True) -> dict[str, Any]:
         saved = json.loads((out / "results.json").read_text(encoding="utf-8"))
         runs_env = saved.get("runs_environment") or saved.get("environment")
     else:
+        saved = cached_runs(cfg, out)
         runs, grids, chance = run_grid(cfg, out, progress)
+        reused = sum(key in saved for key in runs)
     analysis = analyse(cfg, runs, grids, chance)
     figures = write_figures(cfg, analysis, out)
     env = environment(cfg.device, time.perf_counter() - start)
-    runs_env = runs_env or env
+    runs_env = runs_env or {**env, "runs_reused": reused}
     results = {"study": "depth_transfer", "config": config_dict(cfg), "horizons": horizons(cfg),
                "analysis": analysis, "runs": list(runs.values()), "figures": figures, "environment": env,
                "runs_environment": runs_env}

@@ -122,7 +122,11 @@ def _drift_blocks(task: str, entry: dict, hs: list[int], key: str, name: str) ->
 
 
 def readme(cfg: Config, analysis: dict, runs: dict, env: dict, figures: list[str]) -> list:
+    """The README's blocks; ``env`` is the environment the runs were made in (its ``runs_reused``: how many
+    came from the folder's saved runs, whose time is not in its wall time)."""
     hs = horizons(cfg)
+    reused = (f"; {env['runs_reused']} reused from the folder's saved runs, so the time is the other runs'"
+              if env.get("runs_reused") else "")
     blocks = [
         Heading("Study: learning-rate transfer across depth", 1),
         Paragraph(f"NuMLP ({cfg.activation}, EOC) trained with NuP ({SCHEDULE_TEXT[cfg.schedule]}, minibatch "
@@ -138,8 +142,8 @@ def readme(cfg: Config, analysis: dict, runs: dict, env: dict, figures: list[str
                   f"the grid's edge. νP: widths m·(k + k0)², m = {cfg.m}, k0 = {cfg.width_offset}"
                   f"{f', capped at {cfg.max_width} (not νP beyond the cap)' if cfg.max_width else ', uncapped'}; "
                   f"sp and sp_inv_depth: width {cfg.sp_width}. {len(runs)} runs "
-                  f"({sum(r['diverged'] for r in runs.values())} with a non-finite loss), {env['wall_time_s']:.0f} s "
-                  f"on {env['device']} with {cfg.workers} worker process(es)."),
+                  f"({sum(r['diverged'] for r in runs.values())} with a non-finite loss"
+                  f"{reused}), {env['wall_time_s']:.0f} s on {env['device']} with {cfg.workers} worker process(es)."),
         *([Paragraph(WHY_COSINE)] if cfg.schedule == "cosine" else []),
         Paragraph("Prediction (SPEC §2): one step moves the output by about η·T(L), T(L) = Σ_{k<L} ρ_k, so "
                   "η* ∝ 1/T(L); the predicted slope is the least-squares slope of −log T(L) over the fitted depths."),
