@@ -37,6 +37,8 @@ from nup.schedule import SCHEDULES
 DATA_SETS = ("digits", "teacher")
 LOSSES = ("ce", "mse")
 BASES = ("none", "sgd", "momentum", "adam")
+EFFECTIVE_PROBE = 256
+"""Train inputs whose cosines set ``--depth-normalizer effective``'s divisor."""
 BIAS_SIGMA_B2 = 0.05  # σ_b² of the EOC point used with --bias (a·s + b·|s| has an EOC only at σ_b = 0)
 
 
@@ -55,7 +57,9 @@ class TrainConfig:
     width_schedule: str | None = _opt(None, "quadratic | linear | constant; unset: the parameterization's own")
     width_offset: int = _opt(2, "k0 >= 0: hidden widths follow the schedule at k + k0 (m·(k + k0)² under quadratic)")
     depth_normalizer: str = _opt("none", "none | harmonic (hidden update scales divided by T_hidden(L) = "
-                                         "Σ_{k=2}^{L-1} ρ_k: the hidden block moves like one layer at any depth)")
+                                         "Σ_{k=2}^{L-1} ρ_k: the hidden block moves like one layer at any depth) | "
+                                         "effective (divided by Σ_{k≥2} e_k·ρ_k, each layer's minibatch efficiency "
+                                         f"at init from the first {EFFECTIVE_PROBE} train inputs)")
     activation: str = _opt("relu", "relu | abs | identity | tanh | gelu | silu | leaky_relu[:SLOPE] | "
                                    "linear_abs:A,B")
     parameterization: str = _opt("nup", "nup | sp | sp_inv_depth")
@@ -107,8 +111,9 @@ class TrainConfig:
              f"unknown width schedule {self.width_schedule!r}; choose one of {', '.join(WIDTH_SCHEDULES)}")
         need(isinstance(self.width_offset, int) and not isinstance(self.width_offset, bool) and self.width_offset >= 0,
              f"width_offset must be an integer >= 0, got {self.width_offset!r}")
-        need(self.depth_normalizer in DEPTH_NORMALIZERS,
-             f"unknown depth_normalizer {self.depth_normalizer!r}; choose one of {', '.join(DEPTH_NORMALIZERS)}")
+        need(self.depth_normalizer in (*DEPTH_NORMALIZERS, "effective"),
+             f"unknown depth_normalizer {self.depth_normalizer!r}; choose one of "
+             f"{', '.join((*DEPTH_NORMALIZERS, 'effective'))}")
         act = get_activation(self.activation)
         need(not (self.bias and act.is_linear_abs),
              f"bias needs a smooth activation (tanh, gelu, silu): {act} has an EOC only at σ_b = 0")
@@ -171,6 +176,18 @@ def _loss_fn(kind: str, n_classes: int):
         return 0.5 * (f - F.one_hot(y, n_classes).to(f.dtype)).pow(2).sum(dim=1).mean()
 
     return mse
+
+
+def _depth_normalizer(config: TrainConfig, x_train: torch.Tensor, shape: dict[str, Any]) -> str | float:
+    """NuMLP's ``depth_normalizer``: the config's name, or for ``effective`` the divisor
+    :func:`nup.theory.effective_divisor` gives for the first :data:`EFFECTIVE_PROBE` train inputs."""
+    if config.depth_normalizer != "effective" or config.depth < 3:
+        return "none" if config.depth_normalizer == "effective" else config.depth_normalizer
+    from nup.diagnostics import pairwise_cosines
+    from nup.theory import effective_divisor
+
+    cosines = pairwise_cosines(x_train[:EFFECTIVE_PROBE]).cpu().numpy()
+    return effective_divisor(config.depth, config.m, cosines, config.batch_size, **shape)
 
 
 def _load_data(config: TrainConfig, device: torch.device):
@@ -299,10 +316,11 @@ def run_training(config: TrainConfig, out_dir: str | Path, progress: bool = True
     n_classes = int(torch.cat([y_train, y_test]).max()) + 1
 
     torch.manual_seed(config.seed)
-    model = NuMLP(x_train.shape[1], n_classes, config.depth, config.m, width_schedule=config.width_schedule,
-                  width_offset=config.width_offset, depth_normalizer=config.depth_normalizer,
-                  activation=config.activation, parameterization=config.parameterization, bias=config.bias,
-                  max_width=config.max_width, sigma_b2=BIAS_SIGMA_B2 if config.bias else 0.0).to(device)
+    shape = dict(width_schedule=config.width_schedule, width_offset=config.width_offset, activation=config.activation,
+                 parameterization=config.parameterization, max_width=config.max_width,
+                 sigma_b2=BIAS_SIGMA_B2 if config.bias else 0.0)
+    model = NuMLP(x_train.shape[1], n_classes, config.depth, config.m, bias=config.bias,
+                  depth_normalizer=_depth_normalizer(config, x_train, shape), **shape).to(device)
     opt = _build_optimizer(model, config)
     names: list[str] | None = None
     last = {"loss": math.nan, "acc": math.nan}
@@ -383,6 +401,7 @@ def run_training(config: TrainConfig, out_dir: str | Path, progress: bool = True
         "versions": _versions(),
         "widths": list(model.widths),
         "widths_capped": bool(model.capped),
+        "hidden_scale_divisor": model.layout.hidden_divisor,
         "names": names,
         "n_params": sum(p.numel() for p in model.parameters()),
         "data": {"name": config.data, "n_train": x_train.shape[0], "n_test": x_test.shape[0],
