@@ -94,7 +94,7 @@ WHY_COSINE = (
 
 EFFECTIVE_TEXT = (
     "Prediction with batch efficiency: T(L) counts each layer's move as a rank-one step's. A normalized step "
-    "along a minibatch gradient of {batch} inputs moves layer k by e_k·η·ρ_k, e_k² = 1/B + (1 − 1/B)·mean cos² of "
+    "along a minibatch gradient of B = {batch} inputs moves layer k by e_k·η·ρ_k, e_k² = 1/B + (1 − 1/B)·mean cos² of "
     "the layer's inputs (backward signals taken orthogonal), and the EOC map makes deep inputs alike, so e_k "
     "rises from about 0.3–0.4 at layer 1 towards 1 (nup.theory.batch_efficiency_at_init, from the cosines of "
     "{probe} train inputs; nup.diagnostics.step_efficiency measures it). T_e(L) = Σ_{{k<L}} e_k·ρ_k then grows "
@@ -106,7 +106,7 @@ EFFECTIVE_TEXT = (
 def _drift_blocks(task: str, entry: dict, hs: list[int], key: str, name: str) -> list:
     """The shared-drift table against one prediction (``entry[key]``, ``name`` in the text); none if no horizon
     has one."""
-    drifts = {h: d for h in hs if (d := entry.get(key, {}).get(str(h)))}
+    drifts = {h: d for h in hs if (d := entry[key][str(h)])}
     if not drifts:
         return []
     names = list(entry["parameterizations"])
