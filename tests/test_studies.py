@@ -318,6 +318,10 @@ def test_coord_check_quick_values(quick):
                 j = judged["by_depth"][str(depth)]
                 # normalized steps on a batch of 16: every layer moves, by at most the rank-one η·ρ_k
                 assert all(0.05 < eff <= 1.0 + 1e-4 for eff in j["efficiency"])
+                predicted = j["efficiency_predicted"]
+                assert len(predicted) == depth - 1 and all(0 < p <= 1 for p in predicted)
+                assert j["efficiency_miss"] == pytest.approx(max(abs(a - b) for a, b in
+                                                                 zip(j["efficiency"], j["efficiency_predicted"])))
             assert all(math.isfinite(judged[k]) for k in ("slope_last", "predicted_slope_last", "slope_mid"))
         harmonic = results["judged"][lr]["nup_harmonic"]
         assert abs(harmonic["predicted_slope_last"]) < 1e-9  # T(L) is 2 at every depth

@@ -124,6 +124,7 @@ def run(cfg: Config, out: str | Path, progress: bool = True) -> dict[str, Any]:
     from nup import NuMLP
     from nup.data import load_digits_split
     from nup.diagnostics import pairwise_cosines
+    from nup.theory import batch_efficiency_at_init
 
     if len(cfg.depths) < 2 or min(cfg.depths) < 3:
         raise ValueError(f"depths needs two or more integers >= 3, got {cfg.depths}")
@@ -137,7 +138,7 @@ def run(cfg: Config, out: str | Path, progress: bool = True) -> dict[str, Any]:
     device = torch.device(cfg.device)
     x_all, y_all, _, _ = load_digits_split(seed=0, device=device)
     x, y = x_all[: cfg.batch_size], y_all[: cfg.batch_size]
-    cosines = pairwise_cosines(x).cpu().numpy()  # for nup_effective's divisor
+    cosines = pairwise_cosines(x).cpu().numpy()  # the predicted efficiencies and nup_effective's divisor
     results: dict[str, dict[str, Any]] = {}
     jobs = [(lr, v, d) for lr in cfg.lrs for v in cfg.parameterizations for d in cfg.depths]
     for lr, variant, depth in tqdm(jobs, desc="coord_check", unit="config", disable=None if progress else True,
@@ -152,7 +153,9 @@ def run(cfg: Config, out: str | Path, progress: bool = True) -> dict[str, Any]:
         rho = model.layout.rho
         mean = [{key: np.mean([seed[t][key] for seed in per_seed], axis=0).tolist() for key in per_seed[0][t]}
                 for t in range(cfg.steps)]
-        results.setdefault(str(lr), {}).setdefault(variant, {})[str(depth)] = {"rho": rho, "steps": mean}
+        predicted = batch_efficiency_at_init(cosines, depth, x.shape[0], cfg.activation)
+        results.setdefault(str(lr), {}).setdefault(variant, {})[str(depth)] = {
+            "rho": rho, "efficiency_predicted": predicted, "steps": mean}
     judged = {lr: {v: judge(cfg, float(lr), by_depth) for v, by_depth in per_v.items()}
               for lr, per_v in results.items()}
     figures = _plots(cfg, results, judged, out)
@@ -171,7 +174,10 @@ def judge(cfg: Config, lr: float, by_depth: dict[str, Any]) -> dict[str, Any]:
         e = by_depth[str(d)]
         rho, first, last = e["rho"], e["steps"][0], e["steps"][-1]
         eff = [own / (lr * r) for own, r in zip(first["own"], rho)]
-        row = {"efficiency": eff, "efficiency_median": float(np.median(eff))}
+        predicted = e["efficiency_predicted"]
+        row = {"efficiency": eff, "efficiency_median": float(np.median(eff)), "efficiency_predicted": predicted,
+               "efficiency_predicted_median": float(np.median(predicted)),
+               "efficiency_miss": float(np.max(np.abs(np.subtract(eff, predicted))))}
         for name, ell in _levels(d).items():
             predicted = lr * cfg.steps * sum(rho[:ell])
             row[f"change_{name}"] = last["change"][ell - 1]
@@ -199,15 +205,17 @@ def _plots(cfg: Config, results: dict, judged: dict, out: Path) -> list[str]:
     axes = fig.subplots(1, len(params), squeeze=False, sharey=True)[0]
     for ax, variant in zip(axes, params):
         for i, d in enumerate(cfg.depths):
-            eff = judged[lr][variant]["by_depth"][str(d)]["efficiency"]
-            ax.plot([k / d for k in range(1, d)], eff, "o-", ms=3, color=f"C{i}", label=f"L={d}")
+            row = judged[lr][variant]["by_depth"][str(d)]
+            ax.plot([k / d for k in range(1, d)], row["efficiency"], "o-", ms=3, color=f"C{i}", label=f"L={d}")
+            ax.plot([k / d for k in range(1, d)], row["efficiency_predicted"], ":", color=f"C{i}", lw=1.0)
         ax.axhline(1.0, color="0.5", lw=0.8, ls="--")
         ax.set_xlabel("ℓ/L")
         ax.set_title(variant)
         ax.set_yscale("log")
     axes[0].set_ylabel("own move / (η·ρ_k), t = 1")
     axes[0].legend(fontsize="small")
-    fig.suptitle(f"each layer's own move against SPEC's η·ρ_k (dashed: rank one), lr {lr}, batch {cfg.batch_size}")
+    fig.suptitle(f"each layer's own move against SPEC's η·ρ_k (dashed: rank one; dotted: predicted efficiency), "
+                 f"lr {lr}, batch {cfg.batch_size}")
     names = [save_figure(fig, out / "coord_check_efficiency.png")]
 
     fig = figure(12.0, 3.6)
@@ -244,7 +252,10 @@ def _readme(cfg: Config, judged: dict, env: dict, figures: list[str]) -> list:
             flat = j["slope_last"] is not None and abs(j["slope_last"]) <= FLAT
             expected = j["predicted_slope_last"] is not None and abs(j["predicted_slope_last"]) <= FLAT
             effs = [j["by_depth"][str(d)]["efficiency_median"] for d in cfg.depths]
-            rows.append([lr, variant, f"{min(effs):.2f}–{max(effs):.2f}",
+            theory = [j["by_depth"][str(d)]["efficiency_predicted_median"] for d in cfg.depths]
+            miss = max(j["by_depth"][str(d)]["efficiency_miss"] for d in cfg.depths)
+            rows.append([lr, variant, f"{min(effs):.2f}–{max(effs):.2f}", f"{min(theory):.2f}–{max(theory):.2f}",
+                         f"{miss:.2f}",
                          fmt(np.median([j["by_depth"][str(d)]["coherence_last"] for d in cfg.depths])),
                          *[_signed(j[k]) for k in ("slope_last", "predicted_slope_last", "predicted_eff_slope_last",
                                                    "slope_mid", "predicted_slope_mid")],
@@ -263,13 +274,17 @@ def _readme(cfg: Config, judged: dict, env: dict, figures: list[str]) -> list:
                   f"{env['device']} with {env['torch_threads']} torch thread(s)."),
         Paragraph("Judged against SPEC §5's prediction, not against 'flat'. Efficiency: each layer's own move "
                   "(its input held at init) over η·ρ_k at t = 1, median over layers, range over depths (1 = a "
-                  "rank-one step; a batch gradient of higher rank moves less). Coherence: the change at ℓ = L − 1 "
+                  "rank-one step; a batch gradient of higher rank moves less), beside its prediction at init, "
+                  "e_k² = 1/B + (1 − 1/B)·mean cos² of the layer's inputs by the EOC map "
+                  "(nup.theory.batch_efficiency_at_init), and the largest |measured − predicted| over layers and "
+                  "depths. Coherence: the change at ℓ = L − 1 "
                   "over the sum of the own moves of layers 1 … ℓ at t = 1 (1 = the moves add coherently), median "
                   f"over depths. Slopes of log RMS(Δh_ℓ)/RMS(h_ℓ) against log L at t = {cfg.steps}, measured and "
                   "predicted (t·η·Σ_{k≤ℓ} ρ_k, and t·η·Σ_{k≤ℓ} e_k·ρ_k with each layer's measured efficiency e_k); "
                   "ratio = measured over predicted at the largest depth. Flat = "
                   f"|slope| ≤ {FLAT}; flat is expected only where the prediction is flat (the harmonic normalizer)."),
-        Table(["lr", "parameterization", "efficiency", "coherence", "slope ℓ=L−1", "predicted",
+        Table(["lr", "parameterization", "efficiency", "predicted efficiency", "largest miss", "coherence",
+               "slope ℓ=L−1", "predicted",
                "predicted × efficiency", "slope ℓ=⌈L/2⌉", "predicted", f"ratio at L={big}", "flat", "flat expected"],
               rows),
         Heading("The output's change, split"),
