@@ -100,6 +100,9 @@ def _layer_input_cosines(input_cosines: Sequence[float] | np.ndarray, depth: int
     grid = np.linspace(-1.0, 1.0, MAP_GRID)
     mapped = np.asarray(correlation_map(activation, grid), dtype=np.float64)
     out = [np.clip(np.asarray(input_cosines, dtype=np.float64), -1.0, 1.0)]
+    if out[0].size == 0:
+        raise ValueError("input_cosines is empty: pass the cosines of at least one pair of different inputs "
+                         "(e.g. nup.diagnostics.pairwise_cosines of two or more rows)")
     for _ in range(depth - 1):
         out.append(np.interp(out[-1], grid, mapped))
     return out

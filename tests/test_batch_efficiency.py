@@ -26,6 +26,8 @@ def test_efficiency_closed_forms():
     assert all(a < b for a, b in zip(deep, deep[1:])) and 0.9 < deep[-1] < 1.0  # deep inputs look alike
     with pytest.raises(ValueError, match="batch_size"):
         batch_efficiency_at_init(cos, 4, 0)
+    with pytest.raises(ValueError, match="input_cosines is empty"):
+        batch_efficiency_at_init([], 4, 8)
 
 
 def test_step_efficiency_is_the_move_a_nup_step_makes():

@@ -24,7 +24,8 @@ from nup.studies.depth_transfer.config import Config, variant_config, window_mea
 from nup.studies.depth_transfer.runs import chance_loss, load_task
 
 DEPTH, LR, STEPS, SEEDS = 32, 0.5, 300, 6
-CONDITIONS = {"as in the study": {}, "hidden lr × 0.25": {"hidden": 0.25}, "input lr × 0.25": {"input": 0.25},
+CONDITIONS = {"as in the study": {}, "hidden lr × 0.5": {"hidden": 0.5}, "hidden lr × 0.25": {"hidden": 0.25},
+              "input lr × 0.25": {"input": 0.25},
               "readout lr × 0.25": {"readout": 0.25}, "hidden move spread evenly": {"spread": 1.0}}
 
 
