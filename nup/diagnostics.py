@@ -320,15 +320,22 @@ def step_efficiency(model: nn.Module, x: Tensor, y: Tensor,
     init by :func:`nup.theory.batch_efficiency_at_init`.
     """
     layers = list(model.layers)[:-1]
-    grads = torch.autograd.grad(loss(model(x), y), [layer.weight for layer in layers])
+    inputs, hs = layer_io(model, x)  # plain autograd ops: a fused optimizer's in-backward update is not triggered
+    grads = torch.autograd.grad(loss(hs[-1], y), [layer.weight for layer in layers])
     with torch.no_grad():
-        out, inputs = [], x
-        for layer, g in zip(layers, grads):
-            h = layer.preactivation(inputs)
-            move = (layer.alpha * (inputs @ g.t())).norm() * math.sqrt(g.shape[0])
-            out.append(float(move / (g.norm() * h.norm())))
-            inputs = layer.activation(h)
-    return out
+        return [float((layer.alpha * (a @ g.t())).norm() * math.sqrt(g.shape[0]) / (g.norm() * h.norm()))
+                for layer, a, g, h in zip(layers, inputs, grads, hs)]
+
+
+def layer_io(model: nn.Module, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """``([x_0 … x_{L−1}], [h_1 … h_L])`` of a :class:`~nup.NuMLP`: every layer's input and pre-activation
+    (``h_L`` is the output), through each layer's plain autograd ops (differentiable where grad is enabled)."""
+    inputs, hs = [], []
+    for layer in model.layers:
+        inputs.append(x)
+        hs.append(layer.preactivation(x))
+        x = layer.activation(hs[-1])
+    return inputs, hs
 
 
 # ----------------------------------------------------------------------------------------------

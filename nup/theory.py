@@ -24,8 +24,9 @@ from nup.eoc import correlation_map, edge_of_chaos
 from nup.parameterization import LayerLayout, layer_layout, resolve_parameterization
 from nup_kernels.activations import get_activation
 
-__all__ = ["T", "T_effective", "T_hidden", "batch_efficiency_at_init", "effective_divisor", "feature_cosine_at_init",
-           "layout_of", "lr_slope", "predicted_lr_ratio", "predicted_lr_slope", "rho"]
+__all__ = ["EFFECTIVE", "T", "T_effective", "T_hidden", "batch_efficiency_at_init", "effective_divisor",
+           "feature_cosine_at_init", "layout_of", "lr_slope", "predicted_lr_ratio", "predicted_lr_slope",
+           "resolve_effective", "rho"]
 CONFIG_KEYS = ("parameterization", "width_schedule", "width_offset", "depth_normalizer", "activation", "max_width",
                "readout", "sigma_b2")
 
@@ -143,3 +144,19 @@ def effective_divisor(depth: int, m: int, input_cosines: Sequence[float] | np.nd
     e = batch_efficiency_at_init(input_cosines, depth, batch_size, config.get("activation", "relu"))
     r = rho(depth, m, **{**config, "depth_normalizer": "none"})
     return float(sum(ek * rk for ek, rk in zip(e[1:], r[1:])))
+
+
+EFFECTIVE = "effective"
+"""The depth normalizer that needs data: a placeholder :func:`resolve_effective` replaces by its number."""
+
+
+def resolve_effective(config: dict[str, Any], depth: int, m: int, input_cosines: Sequence[float] | np.ndarray,
+                      batch_size: int) -> dict[str, Any]:
+    """NuMLP keywords ``config`` with ``depth_normalizer=EFFECTIVE`` replaced by :func:`effective_divisor` for
+    inputs with these pairwise cosines at this batch size (``"none"`` below depth 3, which has no hidden
+    block); any other ``config`` is returned as it is."""
+    if config.get("depth_normalizer") != EFFECTIVE:
+        return config
+    plain = {**config, "depth_normalizer": "none"}
+    return plain if depth < 3 else {**config, "depth_normalizer": effective_divisor(depth, m, input_cosines,
+                                                                                     batch_size, **plain)}

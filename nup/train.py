@@ -95,6 +95,7 @@ class TrainConfig:
             WIDTH_SCHEDULES,
             resolve_parameterization,
         )
+        from nup.theory import EFFECTIVE
         from nup_kernels.activations import get_activation
 
         def need(ok: bool, msg: str) -> None:
@@ -111,9 +112,9 @@ class TrainConfig:
              f"unknown width schedule {self.width_schedule!r}; choose one of {', '.join(WIDTH_SCHEDULES)}")
         need(isinstance(self.width_offset, int) and not isinstance(self.width_offset, bool) and self.width_offset >= 0,
              f"width_offset must be an integer >= 0, got {self.width_offset!r}")
-        need(self.depth_normalizer in (*DEPTH_NORMALIZERS, "effective"),
+        need(self.depth_normalizer in (*DEPTH_NORMALIZERS, EFFECTIVE),
              f"unknown depth_normalizer {self.depth_normalizer!r}; choose one of "
-             f"{', '.join((*DEPTH_NORMALIZERS, 'effective'))}")
+             f"{', '.join((*DEPTH_NORMALIZERS, EFFECTIVE))}")
         act = get_activation(self.activation)
         need(not (self.bias and act.is_linear_abs),
              f"bias needs a smooth activation (tanh, gelu, silu): {act} has an EOC only at σ_b = 0")
@@ -176,18 +177,6 @@ def _loss_fn(kind: str, n_classes: int):
         return 0.5 * (f - F.one_hot(y, n_classes).to(f.dtype)).pow(2).sum(dim=1).mean()
 
     return mse
-
-
-def _depth_normalizer(config: TrainConfig, x_train: torch.Tensor, shape: dict[str, Any]) -> str | float:
-    """NuMLP's ``depth_normalizer``: the config's name, or for ``effective`` the divisor
-    :func:`nup.theory.effective_divisor` gives for the first :data:`EFFECTIVE_PROBE` train inputs."""
-    if config.depth_normalizer != "effective" or config.depth < 3:
-        return "none" if config.depth_normalizer == "effective" else config.depth_normalizer
-    from nup.diagnostics import pairwise_cosines
-    from nup.theory import effective_divisor
-
-    cosines = pairwise_cosines(x_train[:EFFECTIVE_PROBE]).cpu().numpy()
-    return effective_divisor(config.depth, config.m, cosines, config.batch_size, **shape)
 
 
 def _load_data(config: TrainConfig, device: torch.device):
@@ -300,6 +289,8 @@ def run_training(config: TrainConfig, out_dir: str | Path, progress: bool = True
     from tqdm.auto import tqdm
 
     from nup import NuMLP
+    from nup.diagnostics import pairwise_cosines
+    from nup.theory import EFFECTIVE, resolve_effective
 
     t_start = time.perf_counter()
     config.validate()
@@ -318,9 +309,11 @@ def run_training(config: TrainConfig, out_dir: str | Path, progress: bool = True
     torch.manual_seed(config.seed)
     shape = dict(width_schedule=config.width_schedule, width_offset=config.width_offset, activation=config.activation,
                  parameterization=config.parameterization, max_width=config.max_width,
-                 sigma_b2=BIAS_SIGMA_B2 if config.bias else 0.0)
-    model = NuMLP(x_train.shape[1], n_classes, config.depth, config.m, bias=config.bias,
-                  depth_normalizer=_depth_normalizer(config, x_train, shape), **shape).to(device)
+                 sigma_b2=BIAS_SIGMA_B2 if config.bias else 0.0, depth_normalizer=config.depth_normalizer)
+    if config.depth_normalizer == EFFECTIVE:  # its divisor from the first EFFECTIVE_PROBE train inputs
+        cosines = pairwise_cosines(x_train[:EFFECTIVE_PROBE]).cpu().numpy()
+        shape = resolve_effective(shape, config.depth, config.m, cosines, config.batch_size)
+    model = NuMLP(x_train.shape[1], n_classes, config.depth, config.m, bias=config.bias, **shape).to(device)
     opt = _build_optimizer(model, config)
     names: list[str] | None = None
     last = {"loss": math.nan, "acc": math.nan}

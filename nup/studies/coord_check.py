@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nup.diagnostics import layer_io, pairwise_cosines
 from nup.report import Figure, Heading, Paragraph, Table
 from nup.studies._common import (
     Flag,
@@ -39,7 +40,7 @@ from nup.studies._common import (
     save_figure,
     write_outputs,
 )
-from nup.studies.variants import VARIANTS, at_depth, variant_config
+from nup.studies.variants import VARIANTS, variant_config
 
 FLAT = 0.15
 """|slope| at or below which a curve counts as flat in depth (a factor ≤ 1.37 over 4 → 32)."""
@@ -72,16 +73,6 @@ class Config:
 QUICK = {"depths": (3, 5), "steps": 2, "batch_size": 16, "sp_width": 8, "seeds": 1}
 
 
-def _parts(model, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """``([x_0 … x_{L−1}], [h_1 … h_L])``: every layer's input and pre-activation (h_L is the output)."""
-    inputs, hs = [], []
-    for layer in model.layers:
-        inputs.append(x)
-        hs.append(layer.preactivation(x))
-        x = layer.activation(hs[-1])
-    return inputs, hs
-
-
 def _rms(t: torch.Tensor) -> float:
     return t.pow(2).mean().sqrt().item()
 
@@ -92,7 +83,7 @@ def measure(model, lr: float, x: torch.Tensor, y: torch.Tensor, steps: int) -> l
 
     opt = NuP(model.named_parameters(), lr=lr)
     with torch.no_grad():
-        x0, h0 = _parts(model, x)
+        x0, h0 = layer_io(model, x)
     w0 = [layer.weight.detach().clone() for layer in model.layers]
     readout = model.layers[-1]
     out = []
@@ -101,7 +92,7 @@ def measure(model, lr: float, x: torch.Tensor, y: torch.Tensor, steps: int) -> l
         opt.step()
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():
-            x_now, h = _parts(model, x)
+            x_now, h = layer_io(model, x)
             own = [(layer.alpha * (x_in @ (layer.weight - w).T)).norm().item() / h_init.norm().item()
                    for layer, x_in, w, h_init in zip(model.layers[:-1], x0, w0, h0)]
             change = [(a - b).norm().item() / b.norm().item() for a, b in zip(h[:-1], h0[:-1])]
@@ -123,8 +114,7 @@ def run(cfg: Config, out: str | Path, progress: bool = True) -> dict[str, Any]:
 
     from nup import NuMLP
     from nup.data import load_digits_split
-    from nup.diagnostics import pairwise_cosines
-    from nup.theory import batch_efficiency_at_init
+    from nup.theory import batch_efficiency_at_init, resolve_effective
 
     if len(cfg.depths) < 2 or min(cfg.depths) < 3:
         raise ValueError(f"depths needs two or more integers >= 3, got {cfg.depths}")
@@ -139,12 +129,13 @@ def run(cfg: Config, out: str | Path, progress: bool = True) -> dict[str, Any]:
     x_all, y_all, _, _ = load_digits_split(seed=0, device=device)
     x, y = x_all[: cfg.batch_size], y_all[: cfg.batch_size]
     cosines = pairwise_cosines(x).cpu().numpy()  # the predicted efficiencies and nup_effective's divisor
+    predicted = {d: batch_efficiency_at_init(cosines, d, x.shape[0], cfg.activation) for d in cfg.depths}
     results: dict[str, dict[str, Any]] = {}
     jobs = [(lr, v, d) for lr in cfg.lrs for v in cfg.parameterizations for d in cfg.depths]
     for lr, variant, depth in tqdm(jobs, desc="coord_check", unit="config", disable=None if progress else True,
                                    leave=False):
         m, kwargs = variant_config(variant, cfg.m, cfg.sp_width, cfg.width_offset, cfg.activation, cfg.max_width)
-        kwargs = at_depth(kwargs, depth, m, cosines, cfg.batch_size)
+        kwargs = resolve_effective(kwargs, depth, m, cosines, x.shape[0])
         per_seed = []
         for s in range(cfg.seeds):
             torch.manual_seed(cfg.seed + s)
@@ -153,9 +144,8 @@ def run(cfg: Config, out: str | Path, progress: bool = True) -> dict[str, Any]:
         rho = model.layout.rho
         mean = [{key: np.mean([seed[t][key] for seed in per_seed], axis=0).tolist() for key in per_seed[0][t]}
                 for t in range(cfg.steps)]
-        predicted = batch_efficiency_at_init(cosines, depth, x.shape[0], cfg.activation)
         results.setdefault(str(lr), {}).setdefault(variant, {})[str(depth)] = {
-            "rho": rho, "efficiency_predicted": predicted, "steps": mean}
+            "rho": rho, "efficiency_predicted": predicted[depth], "steps": mean}
     judged = {lr: {v: judge(cfg, float(lr), by_depth) for v, by_depth in per_v.items()}
               for lr, per_v in results.items()}
     figures = _plots(cfg, results, judged, out)

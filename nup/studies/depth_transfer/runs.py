@@ -18,12 +18,12 @@ import torch.nn.functional as F
 
 from nup.io import write_json_atomic
 from nup.schedule import WarmupCosineSchedule
-from nup.studies import variants
 from nup.studies._common import config_dict, finite_or_none
 from nup.studies.depth_transfer.config import GRID_RATIO, PROBE, Config, grid_lr, horizons, variant_config, window_mean
 from nup.studies.lr_optimum import optimal_lr
 
 _DATA: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_COSINES: dict[tuple, np.ndarray] = {}
 
 
 def load_task(cfg: Config, task: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,17 +44,23 @@ def load_task(cfg: Config, task: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def probe_cosines(cfg: Config, task: str) -> np.ndarray:
-    """The pairwise cosines of the task's first :data:`PROBE` train inputs (float64, ``PROBE·(PROBE − 1)/2``)."""
+    """The pairwise cosines of the task's first :data:`PROBE` train inputs (float64, ``PROBE·(PROBE − 1)/2``;
+    cached per process, as the data)."""
     from nup.diagnostics import pairwise_cosines
 
-    return pairwise_cosines(load_task(cfg, task)[0][:PROBE]).cpu().numpy()
+    key = (task, cfg.n_train, tuple(cfg.teacher_shape), cfg.device)
+    if key not in _COSINES:
+        _COSINES[key] = pairwise_cosines(load_task(cfg, task)[0][:PROBE]).cpu().numpy()
+    return _COSINES[key]
 
 
 def model_config(cfg: Config, task: str, variant: str, depth: int) -> tuple[int, dict[str, Any]]:
     """``(m, NuMLP keywords)`` of a parameterization at one depth of a task (``nup_effective``'s divisor is
     computed from the task's probe inputs at the study's batch size)."""
+    from nup.theory import resolve_effective
+
     m, kwargs = variant_config(cfg, variant)
-    return m, variants.at_depth(kwargs, depth, m, probe_cosines(cfg, task), cfg.batch_size)
+    return m, resolve_effective(kwargs, depth, m, probe_cosines(cfg, task), cfg.batch_size)
 
 
 def chance_loss(y: torch.Tensor) -> float:
