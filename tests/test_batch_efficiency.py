@@ -50,6 +50,18 @@ def test_step_efficiency_is_the_move_a_nup_step_makes():
     assert step_efficiency(model, x[:1], y[:1]) == pytest.approx([1.0] * 4, abs=0.25)  # rank one: 1 ± 1/√n_k
 
 
+def test_step_efficiency_changes_nothing_under_a_fused_optimizer():
+    """With NuP(fused=True) attached (updates applied inside backward), the diagnostic moves no weight."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    model = NuMLP(6, 3, 4, 4, width_offset=1)
+    plain = step_efficiency(model, x, y)
+    NuP(model.named_parameters(), lr=0.1, fused=True)  # attaches an in-backward update to every layer
+    before = [p.detach().clone() for p in model.parameters()]
+    assert step_efficiency(model, x, y) == plain
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 def test_wide_net_measures_the_predicted_efficiency():
     """Widths 16·(k + 3)², up to 2304: every layer's measured e_k within 0.06 of the prediction, which rises
     from ≈ 0.4 (8-dim Gaussian inputs) towards 1."""
